@@ -1,0 +1,153 @@
+"""Hypervisor process supervision: spawn detached, find again after a restart, stop.
+
+Hypervisors run in their own session so that an agent crash (even kill -9)
+leaves them running; a restarted agent identifies them by pid *and* process
+start time, so a recycled pid is never mistaken for the VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    pid: int
+    # psutil's create_time(): seconds since the epoch, as a float.
+    started_at: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"pid": self.pid, "started_at": self.started_at}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ProcessRef | None:
+        pid, started = data.get("pid"), data.get("started_at")
+        if not isinstance(pid, int) or not isinstance(started, int | float):
+            return None
+        return cls(pid, float(started))
+
+
+def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
+          env: dict[str, str] | None = None) -> ProcessRef:
+    """Start argv detached from the agent, stdout and stderr appended to console_log."""
+    console_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(console_log, "ab", buffering=0) as out:
+        proc = subprocess.Popen(  # noqa: S603 - argv is built by the runtime, not a shell
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    _reap_in_background(proc)
+    return ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
+
+
+# Exit statuses of children this agent spawned and reaped, by pid.
+_exit_statuses: dict[int, int] = {}
+
+
+def _reap_in_background(proc: subprocess.Popen[bytes]) -> None:
+    # The agent is the parent while it lives: reap the child so it never lingers
+    # as a zombie that still looks alive to is_alive(), and keep its exit status.
+    def reap() -> None:
+        _exit_statuses[proc.pid] = proc.wait()
+
+    threading.Thread(target=reap, daemon=True, name=f"reap-{proc.pid}").start()
+
+
+def is_alive(ref: ProcessRef) -> bool:
+    try:
+        p = psutil.Process(ref.pid)
+        if abs(p.create_time() - ref.started_at) > 0.05:
+            return False
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def exit_detail(ref: ProcessRef) -> str:
+    """How the process ended, as far as the agent can still tell."""
+    status = _exit_statuses.get(ref.pid)
+    if status is None:
+        # Adopted after an agent restart: not our child, so no exit status.
+        return f"hypervisor process {ref.pid} exited"
+    if status < 0:
+        return f"hypervisor process {ref.pid} was killed by {signal.Signals(-status).name}"
+    return f"hypervisor process {ref.pid} exited with status {status}"
+
+
+async def wait_exit(ref: ProcessRef, timeout: float) -> bool:
+    """Wait up to timeout seconds for the process to end; True if it did."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while time.monotonic() < deadline:
+        if not is_alive(ref):
+            return True
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return not is_alive(ref)
+
+
+async def terminate(ref: ProcessRef, grace: float = 2.0) -> None:
+    """SIGTERM, then SIGKILL after grace seconds; returns once the process is gone."""
+    if not is_alive(ref):
+        return
+    _signal(ref.pid, signal.SIGTERM)
+    if await wait_exit(ref, grace):
+        return
+    await kill(ref)
+
+
+async def kill(ref: ProcessRef) -> None:
+    if not is_alive(ref):
+        return
+    _signal(ref.pid, signal.SIGKILL)
+    await wait_exit(ref, 5.0)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def cpu_seconds(ref: ProcessRef) -> float:
+    try:
+        t = psutil.Process(ref.pid).cpu_times()
+        return float(t.user + t.system)
+    except psutil.Error:
+        return 0.0
+
+
+def rss_bytes(ref: ProcessRef) -> int:
+    try:
+        return int(psutil.Process(ref.pid).memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
+async def wait_for_socket(path: Path, ref: ProcessRef, timeout: float) -> None:
+    """Wait until the hypervisor has created its API socket."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if not is_alive(ref):
+            raise RuntimeError(f"hypervisor exited before creating its API socket {path}")
+        await asyncio.sleep(0.002)
+    raise TimeoutError(f"hypervisor did not create its API socket {path} within {timeout}s")

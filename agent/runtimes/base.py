@@ -1,0 +1,218 @@
+"""The interface every backend runtime implements, and what they share.
+
+A runtime drives one kind of hypervisor process per VM through that
+hypervisor's own API. The agent's reconciler calls it; the runtime never
+decides *what* state a VM should be in, only *how* to get it there.
+
+State a runtime needs after an agent restart lives in the VM's directory
+(`VmDir.runtime_file`, via `save_process` / `load_process`), never in memory only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import process
+from agent.process import ProcessRef
+from agent.vm_dir import VmDir
+from vmm.agent.v1 import agent_pb2
+from vmm.v1 import host_pb2, vm_pb2
+
+
+class RuntimeFailure(Exception):
+    """An operation failed. `code` is the gRPC status code name the caller gets."""
+
+    def __init__(self, message: str, code: str = "FAILED_PRECONDITION") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class HypervisorApiError(RuntimeFailure):
+    """The hypervisor's API refused a request; message carries its own error text verbatim."""
+
+
+class UnsupportedOperation(RuntimeFailure):
+    """The backend cannot do this at all (e.g. CPU hotplug on Firecracker)."""
+
+    def __init__(self, backend: str, feature_title: str) -> None:
+        super().__init__(f"{feature_title} is not supported by {backend}", "FAILED_PRECONDITION")
+
+
+@dataclass
+class Observation:
+    """What a runtime sees of one VM right now."""
+
+    # Is the hypervisor process alive?
+    alive: bool
+    # The VM state as the hypervisor reports it (UNSPECIFIED if it cannot be asked).
+    state: vm_pb2.VmState.ValueType = vm_pb2.VM_STATE_UNSPECIFIED
+    pid: int = 0
+    # Why, when the process is gone or the API did not answer.
+    detail: str = ""
+    # Whether the process ended cleanly (the guest powered off / rebooted).
+    clean_exit: bool = False
+    backend_info: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Agent-wide settings a runtime may use."""
+
+    # Explicit hypervisor binary; None means look on PATH, then fall back to the simulator.
+    binary: str | None = None
+    # Use the API simulator even when a real binary exists.
+    force_simulator: bool = False
+    # Seconds a guest gets to stop by itself when a shutdown request names no timeout.
+    default_shutdown_timeout: float = 10.0
+    # Seconds to wait for the hypervisor to create its API socket.
+    socket_timeout: float = 10.0
+    # Seconds a guest may take to print its readiness marker (when it names one).
+    boot_timeout: float = 60.0
+
+
+class Runtime(ABC):
+    """One backend. Subclasses set `name` (a vmm.features backend name)."""
+
+    name: str = ""
+
+    def __init__(self, binary: str, simulated: bool, settings: RuntimeSettings) -> None:
+        self.binary = binary
+        self.simulated = simulated
+        self.settings = settings
+
+    # ---- discovery and declarations -------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def detect(cls, settings: RuntimeSettings) -> Runtime | None:
+        """The runtime for this host: the real binary (configured, then PATH) when present,
+        else the project's simulator, else None."""
+
+    @abstractmethod
+    def capabilities(self) -> host_pb2.BackendCapabilities:
+        """The backend's row of the support matrix and its limits (pure data)."""
+
+    def version(self) -> str:
+        return ""
+
+    def describe(self) -> host_pb2.Backend:
+        return host_pb2.Backend(
+            name=self.name,
+            simulated=self.simulated,
+            version=self.version(),
+            binary_path=self.binary,
+            capabilities=self.capabilities(),
+        )
+
+    def preflight(self, vm_id: str, config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
+        """Host-local checks before anything is stored: files exist, devices are usable.
+
+        The controller has already checked the config against `capabilities()`.
+        """
+        return check_host_paths(config)
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    @abstractmethod
+    async def create(self, vm: VmDir, desired: agent_pb2.DesiredVm) -> None:
+        """Start the hypervisor process and configure the VM without booting it (CREATED)."""
+
+    @abstractmethod
+    async def boot(self, vm: VmDir, desired: agent_pb2.DesiredVm) -> None:
+        """Boot the guest (RUNNING). Works from CREATED and, by starting a fresh process
+        when the old one is gone, from SHUTDOWN and FAILED."""
+
+    @abstractmethod
+    async def pause(self, vm: VmDir) -> None: ...
+
+    @abstractmethod
+    async def resume(self, vm: VmDir) -> None: ...
+
+    @abstractmethod
+    async def shutdown(self, vm: VmDir, force: bool, timeout: float) -> None:
+        """Stop the guest (SHUTDOWN): gracefully where the backend can, waiting up to
+        timeout seconds, then forcibly. `force` skips the graceful step."""
+
+    @abstractmethod
+    async def reboot(self, vm: VmDir, desired: agent_pb2.DesiredVm, force: bool) -> None:
+        """Restart the guest; the VM is RUNNING afterwards."""
+
+    async def destroy(self, vm: VmDir) -> None:
+        """Stop the hypervisor process for good and remove its sockets.
+        The caller removes the VM directory."""
+        ref = self.load_process(vm)
+        if ref is not None:
+            await process.kill(ref)
+        vm.api_socket.unlink(missing_ok=True)
+        vm.clear_runtime()
+
+    @abstractmethod
+    async def observe(self, vm: VmDir) -> Observation:
+        """The VM's current state, asked of the live hypervisor. Used to adopt VMs after
+        an agent restart and to notice crashes. Must not change anything."""
+
+    async def metrics(self, vm: VmDir) -> vm_pb2.VmMetrics:
+        return vm_pb2.VmMetrics()
+
+    async def hotplug(self, vm: VmDir, request: agent_pb2.HotplugRequest) -> vm_pb2.VmConfig:
+        """Apply a resource change to a running VM; returns the config as it now runs."""
+        raise UnsupportedOperation(self.name, "Hotplug")
+
+    # ---- shared helpers -------------------------------------------------------------
+
+    def save_process(self, vm: VmDir, ref: ProcessRef, **extra: object) -> None:
+        vm.save_runtime({"backend": self.name, "simulated": self.simulated, **ref.to_dict(),
+                         **extra})
+
+    def load_process(self, vm: VmDir) -> ProcessRef | None:
+        return ProcessRef.from_dict(vm.load_runtime())
+
+    def live_process(self, vm: VmDir) -> ProcessRef | None:
+        ref = self.load_process(vm)
+        return ref if ref is not None and process.is_alive(ref) else None
+
+
+def find_binary(configured: str | None, names: tuple[str, ...]) -> str | None:
+    """A configured path if it is executable, else the first of names on PATH."""
+    if configured:
+        path = shutil.which(configured)
+        return path
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def check_host_paths(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
+    """Files a config names must exist on this host."""
+    violations: list[agent_pb2.FieldViolation] = []
+
+    def need(path: str, field_path: str, what: str) -> None:
+        if path and not Path(path).exists():
+            violations.append(agent_pb2.FieldViolation(
+                field=field_path, description=f"{what} {path!r} does not exist on this host"))
+
+    need(config.boot.kernel_path, "config.boot.kernel_path", "kernel")
+    need(config.boot.initrd_path, "config.boot.initrd_path", "initrd")
+    for i, disk in enumerate(config.storage):
+        need(disk.path, f"config.storage[{i}].path", "disk")
+    return violations
+
+
+def console_tail(vm: VmDir, lines: int = 20, max_bytes: int = 64 * 1024) -> str:
+    """The last lines of the VM's console log."""
+    try:
+        with open(vm.console_log, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,110 @@
+"""The per-VM state directory: everything a restarted agent needs to adopt a VM.
+
+<state_dir>/vms/<vm_id>/
+    desired.json   the last desired state the controller sent (DesiredVm as JSON)
+    runtime.json   what the runtime recorded: pid, process start time, backend, extras
+    api.sock       the hypervisor's API socket (QMP socket for QEMU)
+    console.log    the guest serial console (the hypervisor's stdout/stderr)
+    metrics.json   hypervisor metrics output, where the backend writes a file
+    hypervisor.log hypervisor's own log, where the backend writes one
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from vmm.agent.v1 import agent_pb2
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class VmDir:
+    path: Path
+
+    @property
+    def vm_id(self) -> str:
+        return self.path.name
+
+    @property
+    def api_socket(self) -> Path:
+        return self.path / "api.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.path / "console.log"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def hypervisor_log(self) -> Path:
+        return self.path / "hypervisor.log"
+
+    @property
+    def desired_file(self) -> Path:
+        return self.path / "desired.json"
+
+    @property
+    def runtime_file(self) -> Path:
+        return self.path / "runtime.json"
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def save_desired(self, desired: agent_pb2.DesiredVm) -> None:
+        self.create()
+        _write_atomically(self.desired_file, json_format.MessageToJson(desired))
+
+    def load_desired(self) -> agent_pb2.DesiredVm | None:
+        try:
+            return json_format.Parse(self.desired_file.read_text(), agent_pb2.DesiredVm())
+        except (OSError, json_format.ParseError):
+            return None
+
+    def save_runtime(self, data: dict[str, Any]) -> None:
+        self.create()
+        _write_atomically(self.runtime_file, json.dumps(data, indent=1, sort_keys=True))
+
+    def load_runtime(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.runtime_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def clear_runtime(self) -> None:
+        self.runtime_file.unlink(missing_ok=True)
+
+
+class StateDir:
+    """The agent's root state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.vms_root = root / "vms"
+        self.vms_root.mkdir(parents=True, exist_ok=True)
+
+    def vm(self, vm_id: str) -> VmDir:
+        return VmDir(self.vms_root / vm_id)
+
+    def existing(self) -> list[VmDir]:
+        return [VmDir(p) for p in sorted(self.vms_root.iterdir()) if p.is_dir()]
