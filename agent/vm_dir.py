@@ -2,6 +2,7 @@
 
 <state_dir>/vms/<vm_id>/
     desired.json   the last desired state the controller sent (DesiredVm as JSON)
+    status.json    the last status the agent reported (VmStatus as JSON)
     runtime.json   what the runtime recorded: pid, process start time, backend, extras
     api.sock       the hypervisor's API socket (QMP socket for QEMU)
     console.log    the guest serial console (the hypervisor's stdout/stderr)
@@ -61,6 +62,10 @@ class VmDir:
     def runtime_file(self) -> Path:
         return self.path / "runtime.json"
 
+    @property
+    def status_file(self) -> Path:
+        return self.path / "status.json"
+
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
 
@@ -77,6 +82,19 @@ class VmDir:
     def load_desired(self) -> agent_pb2.DesiredVm | None:
         try:
             return json_format.Parse(self.desired_file.read_text(), agent_pb2.DesiredVm())
+        except (OSError, json_format.ParseError):
+            return None
+
+    def save_status(self, status: agent_pb2.VmStatus) -> None:
+        self.create()
+        kept = agent_pb2.VmStatus()
+        kept.CopyFrom(status)
+        kept.ClearField("metrics")
+        _write_atomically(self.status_file, json_format.MessageToJson(kept))
+
+    def load_status(self) -> agent_pb2.VmStatus | None:
+        try:
+            return json_format.Parse(self.status_file.read_text(), agent_pb2.VmStatus())
         except (OSError, json_format.ParseError):
             return None
 

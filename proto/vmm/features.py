@@ -103,10 +103,10 @@ def features_used(config: vm_pb2.VmConfig) -> list[tuple[str, str]]:
     """
     used: list[tuple[str, str]] = []
     cpu, mem = config.cpu, config.memory
+    # max_vcpu_count is hotplug *preparation*: its own row, so a backend can ignore it
+    # (Firecracker) without refusing the VM; cpu.hotplug itself is used by ResizeVm.
     if cpu.max_vcpu_count:
         used.append(("cpu.max_vcpu_count", "config.cpu.max_vcpu_count"))
-        if cpu.max_vcpu_count > cpu.vcpu_count:
-            used.append(("cpu.hotplug", "config.cpu.max_vcpu_count"))
     if cpu.HasField("topology") and (
         cpu.topology.sockets > 1 or cpu.topology.cores_per_socket > 0
         or cpu.topology.threads_per_core > 1

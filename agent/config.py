@@ -1,0 +1,72 @@
+"""Agent configuration: defaults for one machine, a TOML file ([agent] table), environment
+variables (VMM_AGENT_<FIELD>) and flags, in increasing order of precedence."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from controller.config import _coerce
+
+
+@dataclass
+class AgentConfig:
+    controller: str = "127.0.0.1:50051"
+    host_id: str = field(default_factory=socket.gethostname)
+    state_dir: str = "/var/lib/vmm-agent"
+    # Backends to offer, in order; empty offers every one this host can run.
+    backends: list[str] = field(default_factory=list)
+    firecracker_binary: str = ""
+    cloud_hypervisor_binary: str = ""
+    qemu_binary: str = ""
+    # Drive the API simulators even where a real binary exists.
+    force_simulator: bool = False
+    # Capacity to report; 0 means what the machine has.
+    vcpus: int = 0
+    memory_bytes: int = 0
+    cpu_overcommit_ratio: float = 4.0
+    memory_overcommit_ratio: float = 1.0
+    heartbeat_interval: float = 2.0
+    shutdown_timeout: float = 10.0
+    boot_timeout: float = 60.0
+    # Stop and remove every VM when the agent exits (for throwaway local setups only:
+    # normally VMs outlive agent restarts and are adopted).
+    stop_vms_on_exit: bool = False
+    labels: list[str] = field(default_factory=list)
+    log_level: str = "info"
+
+    def binary_for(self, backend: str) -> str:
+        return str(getattr(self, backend.replace("-", "_") + "_binary", "") or "")
+
+    def label_map(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.labels if "=" in item)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+
+def load(argv: list[str] | None = None) -> AgentConfig:
+    parser = argparse.ArgumentParser(prog="vmm-agent", description="The vmm-control-plane agent.")
+    parser.add_argument("--config", type=Path, help="TOML file ([agent] table)")
+    for f in fields(AgentConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                            help=f"(env VMM_AGENT_{f.name.upper()})")
+    args = parser.parse_args(argv)
+    config = AgentConfig()
+    if args.config:
+        table: dict[str, Any] = tomllib.loads(args.config.read_text()).get("agent", {})
+        for key, value in table.items():
+            if not hasattr(config, key):
+                parser.error(f"{args.config}: unknown setting agent.{key}")
+            setattr(config, key, value)
+    for f in fields(AgentConfig):
+        for value in (os.environ.get(f"VMM_AGENT_{f.name.upper()}"), getattr(args, f.name)):
+            if value is not None:
+                setattr(config, f.name, _coerce(getattr(config, f.name), value))
+    return config

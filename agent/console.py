@@ -1,0 +1,67 @@
+"""Read a VM's console log: the last N lines, or follow it as it grows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from agent.runtimes.base import RuntimeFailure
+from agent.vm_dir import StateDir
+
+# The most a tail returns; older output is left out and `truncated` says so.
+MAX_TAIL_BYTES = 1024 * 1024
+FOLLOW_POLL_SECONDS = 0.1
+
+
+class ConsoleRelay:
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+
+    def _path(self, vm_id: str):  # type: ignore[no-untyped-def]
+        vm = self.state.vm(vm_id)
+        if not vm.exists():
+            raise RuntimeFailure(f"vm {vm_id} is not on this host", "NOT_FOUND")
+        return vm.console_log
+
+    def tail(self, vm_id: str, lines: int) -> tuple[str, bool]:
+        path = self._path(vm_id)
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, 2)
+                size = f.tell()
+                f.seek(max(0, size - MAX_TAIL_BYTES))
+                data = f.read()
+        except FileNotFoundError:
+            return "", False
+        truncated = size > MAX_TAIL_BYTES
+        text = data.decode("utf-8", "replace")
+        if lines > 0:
+            all_lines = text.splitlines(keepends=True)
+            truncated = truncated or len(all_lines) > lines
+            text = "".join(all_lines[-lines:])
+        return text, truncated
+
+    async def follow(self, vm_id: str, lines: int) -> AsyncIterator[bytes]:
+        """History (last `lines` lines), then new output as it arrives, until cancelled."""
+        path = self._path(vm_id)
+        text, _ = self.tail(vm_id, lines) if lines > 0 else ("", False)
+        if text:
+            yield text.encode()
+        try:
+            offset = path.stat().st_size
+        except FileNotFoundError:
+            offset = 0
+        while True:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            if size < offset:  # the log was replaced
+                offset = 0
+            if size > offset:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(size - offset)
+                offset += len(chunk)
+                yield chunk
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)

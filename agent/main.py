@@ -1,0 +1,80 @@
+"""The agent process: adopt what runs, connect to the controller, reconcile."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from agent import config as config_module
+from agent.config import AgentConfig
+from agent.reconciler import Reconciler
+from agent.runtimes import RUNTIME_CLASSES, detect_runtimes
+from agent.runtimes.base import Runtime, RuntimeSettings
+from agent.session import ControllerSession
+from agent.vm_dir import StateDir
+from controller.logs import setup_logging
+
+log = logging.getLogger("vmm.agent")
+
+
+def runtime_settings(config: AgentConfig) -> dict[str, RuntimeSettings]:
+    return {
+        backend: RuntimeSettings(
+            binary=config.binary_for(backend) or None, force_simulator=config.force_simulator,
+            default_shutdown_timeout=config.shutdown_timeout, boot_timeout=config.boot_timeout)
+        for backend in RUNTIME_CLASSES
+    }
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, runtimes: dict[str, Runtime] | None = None) -> None:
+        self.config = config
+        self.state = StateDir(config.state_path)
+        self.runtimes = runtimes if runtimes is not None else detect_runtimes(
+            runtime_settings(config), config.backends or None)
+        settings = RuntimeSettings(default_shutdown_timeout=config.shutdown_timeout,
+                                   boot_timeout=config.boot_timeout)
+        self.reconciler = Reconciler(self.state, self.runtimes, self._report, settings)
+        self.session = ControllerSession(config, self.reconciler, self.runtimes)
+
+    def _report(self, status: object) -> None:
+        self.session.report(status)  # type: ignore[arg-type]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for name, runtime in self.runtimes.items():
+            log.info("backend %s: %s%s", name, runtime.binary,
+                     " (simulated)" if runtime.simulated else "")
+        if not self.runtimes:
+            log.warning("no backend is available on this host")
+        adopted = await self.reconciler.adopt_all()
+        log.info("adopted %d VMs from %s", len(adopted), self.state.root)
+        self.reconciler.start_monitor()
+        session = asyncio.create_task(self.session.run_forever(), name="controller-session")
+        await stop.wait()
+        session.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await session
+        if self.config.stop_vms_on_exit:
+            log.info("stopping every VM before exit")
+            await self.reconciler.stop_all()
+        await self.reconciler.stop()
+
+
+async def serve(config: AgentConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Agent(config).run(stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = config_module.load(argv)
+    setup_logging(config.log_level, "agent")
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The agent's host reconciler: make the hypervisor processes match the desired VM set.
+
+Level-triggered: every pass compares what the controller wants (DesiredVm) with what
+runs (Runtime.observe) and acts on the difference, so repeating a pass is harmless.
+Each VM has a lock, so operations on one VM never overlap while different VMs proceed
+in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from agent.runtimes.base import Runtime, RuntimeFailure, RuntimeSettings, console_tail
+from agent.vm_dir import StateDir, VmDir
+from vmm.agent.v1 import agent_pb2
+from vmm.v1 import vm_pb2
+
+log = logging.getLogger(__name__)
+S = vm_pb2.VmState
+
+# Seconds between liveness checks of running hypervisors.
+MONITOR_INTERVAL = 0.5
+
+
+class Reconciler:
+    def __init__(self, state: StateDir, runtimes: dict[str, Runtime],
+                 report: Callable[[agent_pb2.VmStatus], None],
+                 settings: RuntimeSettings | None = None) -> None:
+        self.state = state
+        self.runtimes = runtimes
+        self.report = report
+        self.settings = settings or RuntimeSettings()
+        self.desired: dict[str, agent_pb2.DesiredVm] = {}
+        self.status: dict[str, agent_pb2.VmStatus] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._monitor: asyncio.Task[None] | None = None
+
+    def lock(self, vm_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    # ---- start-up: adopt what runs ----------------------------------------------------
+
+    async def adopt_all(self) -> list[agent_pb2.VmStatus]:
+        """Find the VMs of a previous agent run and learn their state; change nothing."""
+        for vm in self.state.existing():
+            desired = vm.load_desired()
+            if desired is None:
+                log.warning("state dir %s has no desired.json; it will be removed", vm.path)
+                self.status[vm.vm_id] = agent_pb2.VmStatus(vm_id=vm.vm_id)
+                continue
+            self.desired[vm.vm_id] = desired
+            status = await self._observe(vm, desired)
+            self.status[vm.vm_id] = status
+            vm.save_status(status)
+            log.info("adopted vm %s: %s pid %d", vm.vm_id, S.Name(status.state), status.pid,
+                     extra={"vm_id": vm.vm_id})
+        return list(self.status.values())
+
+    def start_monitor(self) -> None:
+        self._monitor = asyncio.create_task(self._monitor_forever(), name="vm-monitor")
+
+    async def stop(self) -> None:
+        if self._monitor:
+            self._monitor.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---- desired state in -----------------------------------------------------------
+
+    def set_desired_state(self, vms: list[agent_pb2.DesiredVm]) -> None:
+        """The complete desired set: everything else on this host goes."""
+        wanted = {vm.vm_id: vm for vm in vms}
+        for vm_id in set(self.status) | {v.vm_id for v in self.state.existing()}:
+            if vm_id not in wanted:
+                self.remove(vm_id, force=True)
+        for vm in wanted.values():
+            self.set_desired(vm)
+
+    def set_desired(self, vm: agent_pb2.DesiredVm) -> None:
+        current = self.desired.get(vm.vm_id)
+        if current is not None and current.generation > vm.generation:
+            return  # stale message
+        self.desired[vm.vm_id] = vm
+        self._spawn(self.reconcile(vm.vm_id))
+
+    def remove(self, vm_id: str, force: bool) -> None:
+        self.desired.pop(vm_id, None)
+        self._spawn(self._remove(vm_id, force))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- one VM -----------------------------------------------------------------------
+
+    async def reconcile(self, vm_id: str) -> None:
+        async with self.lock(vm_id):
+            desired = self.desired.get(vm_id)
+            if desired is None:
+                return
+            vm = self.state.vm(vm_id)
+            vm.save_desired(desired)
+            last = self.status.get(vm_id)
+            if last is not None and last.observed_generation == desired.generation \
+                    and (last.error or last.state == S.VM_STATE_FAILED):
+                # A failed generation waits for the controller's next one.
+                self._publish(vm, last)
+                return
+            runtime = self.runtimes.get(desired.backend)
+            if runtime is None:
+                self._publish(vm, agent_pb2.VmStatus(
+                    vm_id=vm_id, observed_generation=desired.generation, backend=desired.backend,
+                    state=last.state if last else S.VM_STATE_UNSPECIFIED,
+                    error=f"backend {desired.backend} is not available on this host",
+                    error_code="FAILED_PRECONDITION"))
+                return
+            error, code = "", ""
+            try:
+                await self._converge(runtime, vm, desired)
+            except RuntimeFailure as exc:
+                error, code = exc.message, exc.code
+            except Exception as exc:  # a bug or an OS error: report it, do not kill the agent
+                log.exception("reconciling vm %s failed", vm_id, extra={"vm_id": vm_id})
+                error, code = f"{type(exc).__name__}: {exc}", "INTERNAL"
+            stopped = not error and desired.power_state == S.VM_STATE_SHUTDOWN
+            status = await self._observe(vm, desired, stopped_on_request=stopped)
+            status.error, status.error_code = error, code
+            if error and not status.reason:
+                status.reason = error
+            self._publish(vm, status)
+
+    async def _converge(self, runtime: Runtime, vm: VmDir, desired: agent_pb2.DesiredVm) -> None:
+        last = self.status.get(vm.vm_id)
+        actual = (await self._observe(vm, desired)).state
+        target = desired.power_state
+        policy = desired.shutdown
+        timeout = float(policy.timeout_seconds) or self.settings.default_shutdown_timeout
+
+        if actual == S.VM_STATE_UNSPECIFIED:  # nothing exists yet
+            if target == S.VM_STATE_SHUTDOWN:
+                return
+            await runtime.create(vm, desired)
+            actual = S.VM_STATE_CREATED
+        if target == S.VM_STATE_SHUTDOWN:
+            if actual != S.VM_STATE_SHUTDOWN:
+                await runtime.shutdown(vm, policy.force or actual != S.VM_STATE_RUNNING, timeout)
+            return
+        if target in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED):
+            if actual in (S.VM_STATE_CREATED, S.VM_STATE_SHUTDOWN, S.VM_STATE_FAILED):
+                await runtime.boot(vm, desired)
+                actual = S.VM_STATE_RUNNING
+            elif actual == S.VM_STATE_PAUSED and target == S.VM_STATE_RUNNING:
+                await runtime.resume(vm)
+                actual = S.VM_STATE_RUNNING
+            last_epoch = last.reboot_epoch if last else 0
+            if desired.reboot_epoch != last_epoch and actual == S.VM_STATE_RUNNING:
+                await runtime.reboot(vm, desired, desired.force_reboot)
+            if target == S.VM_STATE_PAUSED and actual == S.VM_STATE_RUNNING:
+                await runtime.pause(vm)
+
+    async def _observe(self, vm: VmDir, desired: agent_pb2.DesiredVm,
+                       stopped_on_request: bool = False) -> agent_pb2.VmStatus:
+        """The VM's status now, from the live hypervisor and what this agent recorded.
+
+        stopped_on_request: this agent has just shut the VM down, so a missing process
+        is a SHUTDOWN VM, not a crash."""
+        last = self.status.get(vm.vm_id) or vm.load_status()
+        status = agent_pb2.VmStatus(vm_id=vm.vm_id, observed_generation=desired.generation,
+                                    backend=desired.backend,
+                                    reboot_epoch=desired.reboot_epoch)
+        runtime = self.runtimes.get(desired.backend)
+        if runtime is None:
+            status.state = last.state if last else S.VM_STATE_UNSPECIFIED
+            status.reason = f"backend {desired.backend} is not available on this host"
+            return status
+        obs = await runtime.observe(vm)
+        status.pid = obs.pid
+        status.backend_info.update(obs.backend_info)
+        if obs.alive:
+            status.state = obs.state or (last.state if last else S.VM_STATE_CREATED)
+            return status
+        created = vm.runtime_file.exists()
+        if stopped_on_request:
+            status.state = S.VM_STATE_SHUTDOWN
+            status.reason = "shut down on request"
+        elif last is None or last.state == S.VM_STATE_UNSPECIFIED or (
+                not created and last.state not in (S.VM_STATE_SHUTDOWN, S.VM_STATE_FAILED)):
+            status.state = S.VM_STATE_UNSPECIFIED
+        elif last.state in (S.VM_STATE_SHUTDOWN, S.VM_STATE_FAILED):
+            status.state = last.state
+            status.reason = last.reason
+        elif obs.clean_exit:
+            status.state = S.VM_STATE_SHUTDOWN
+            status.reason = "the guest powered off"
+        else:
+            status.state = S.VM_STATE_FAILED
+            tail = console_tail(vm, 10)
+            status.reason = obs.detail or "the hypervisor process is gone"
+            if tail:
+                status.reason += f"; console tail:\n{tail}"
+        return status
+
+    def _publish(self, vm: VmDir, status: agent_pb2.VmStatus) -> None:
+        self.status[vm.vm_id] = status
+        if vm.exists():
+            vm.save_status(status)
+        self.report(status)
+
+    async def _remove(self, vm_id: str, force: bool) -> None:
+        async with self.lock(vm_id):
+            if vm_id in self.desired:
+                return  # wanted again meanwhile
+            vm = self.state.vm(vm_id)
+            last = self.status.get(vm_id) or vm.load_status()
+            backend = last.backend if last else ""
+            desired = vm.load_desired()
+            runtime = self.runtimes.get(backend or (desired.backend if desired else ""))
+            if runtime is not None:
+                try:
+                    await runtime.destroy(vm)
+                except Exception:
+                    log.exception("destroying vm %s failed", vm_id, extra={"vm_id": vm_id})
+            vm.remove()
+            self.status.pop(vm_id, None)
+            log.info("removed vm %s", vm_id, extra={"vm_id": vm_id})
+            self.report(agent_pb2.VmStatus(vm_id=vm_id, removed=True, backend=backend))
+
+    # ---- crash detection ------------------------------------------------------------
+
+    async def _monitor_forever(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL)
+            for vm_id, status in list(self.status.items()):
+                if status.state not in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED,
+                                        S.VM_STATE_CREATED):
+                    continue
+                lock = self.lock(vm_id)
+                desired = self.desired.get(vm_id)
+                runtime = self.runtimes.get(status.backend)
+                if lock.locked() or desired is None or runtime is None:
+                    continue
+                vm = self.state.vm(vm_id)
+                if runtime.live_process(vm) is not None:
+                    continue
+                async with lock:
+                    with contextlib.suppress(Exception):
+                        observed = await self._observe(vm, desired)
+                        if observed.state != status.state:
+                            log.warning("vm %s is now %s: %s", vm_id, S.Name(observed.state),
+                                        observed.reason.splitlines()[0] if observed.reason
+                                        else "", extra={"vm_id": vm_id})
+                            self._publish(vm, observed)
+
+    # ---- requests -------------------------------------------------------------------
+
+    def preflight(self, request: agent_pb2.PreflightRequest) -> list[agent_pb2.FieldViolation]:
+        runtime = self.runtimes.get(request.backend)
+        if runtime is None:
+            return [agent_pb2.FieldViolation(
+                field="backend", description=f"{request.backend} is not available on this host")]
+        return runtime.preflight(request.vm_id, request.config)
+
+    async def hotplug(self, request: agent_pb2.HotplugRequest) -> agent_pb2.HotplugResult:
+        desired = self.desired.get(request.vm_id)
+        if desired is None:
+            raise RuntimeFailure(f"vm {request.vm_id} is not on this host", "NOT_FOUND")
+        runtime = self.runtimes[desired.backend]
+        async with self.lock(request.vm_id):
+            vm = self.state.vm(request.vm_id)
+            config = await runtime.hotplug(vm, request)
+            desired.config.CopyFrom(config)
+            vm.save_desired(desired)
+            status = await self._observe(vm, desired)
+            self._publish(vm, status)
+            return agent_pb2.HotplugResult(config=config, state=status.state)
+
+    async def metrics(self) -> list[agent_pb2.VmStatus]:
+        out = []
+        for vm_id, status in list(self.status.items()):
+            runtime = self.runtimes.get(status.backend)
+            if runtime is None or status.state not in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED):
+                continue
+            if self.lock(vm_id).locked():
+                continue
+            with contextlib.suppress(Exception):
+                metrics = await runtime.metrics(self.state.vm(vm_id))
+                out.append(agent_pb2.VmStatus(vm_id=vm_id, metrics=metrics))
+        return out
+
+    async def stop_all(self) -> None:
+        """Stop and remove every VM (used when the agent runs a throwaway local setup)."""
+        for vm_id in list(self.status):
+            self.desired.pop(vm_id, None)
+            await self._remove(vm_id, force=True)

@@ -1,0 +1,68 @@
+"""Controller configuration: defaults that work on one machine, a TOML file, environment
+variables (VMM_CONTROLLER_<FIELD>) and flags, in increasing order of precedence."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ControllerConfig:
+    # gRPC API and agent endpoint.
+    listen: str = "127.0.0.1:50051"
+    # HTTP health endpoint (/_/health); empty disables it.
+    http_listen: str = "127.0.0.1:8080"
+    etcd_endpoints: list[str] = field(default_factory=lambda: ["127.0.0.1:2379"])
+    etcd_prefix: str = "/vmm/"
+    # Seconds an RPC waits for the agent to carry out a change.
+    operation_timeout: float = 30.0
+    # Seconds a disconnected agent's host lease lives.
+    host_lease_ttl: int = 10
+    # Hotplug-ready VMs reserve their maximum vCPUs and memory on the host.
+    reserve_hotplug_maximum: bool = True
+    backend_preference: list[str] = field(
+        default_factory=lambda: ["firecracker", "cloud-hypervisor", "qemu"])
+    # OpenTelemetry exporter: none | console | otlp.
+    telemetry_exporter: str = "none"
+    log_level: str = "info"
+
+
+def _coerce(current: Any, raw: str) -> Any:
+    if isinstance(current, bool):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if isinstance(current, int):
+        return int(raw)
+    if isinstance(current, float):
+        return float(raw)
+    if isinstance(current, list):
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw
+
+
+def load(argv: list[str] | None = None) -> ControllerConfig:
+    parser = argparse.ArgumentParser(prog="vmm-controller",
+                                     description="The vmm-control-plane controller.")
+    parser.add_argument("--config", type=Path, help="TOML file ([controller] table)")
+    for f in fields(ControllerConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                            help=f"(env VMM_CONTROLLER_{f.name.upper()})")
+    args = parser.parse_args(argv)
+    config = ControllerConfig()
+    if args.config:
+        table = tomllib.loads(args.config.read_text()).get("controller", {})
+        for key, value in table.items():
+            if not hasattr(config, key):
+                parser.error(f"{args.config}: unknown setting controller.{key}")
+            setattr(config, key, value)
+    for f in fields(ControllerConfig):
+        raw = os.environ.get(f"VMM_CONTROLLER_{f.name.upper()}")
+        flag = getattr(args, f.name)
+        for value in (raw, flag):
+            if value is not None:
+                setattr(config, f.name, _coerce(getattr(config, f.name), value))
+    return config

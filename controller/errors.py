@@ -1,0 +1,71 @@
+"""API errors: gRPC status codes used as meant, with google.rpc details."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One bad field: its path in the request and what is wrong with it."""
+
+    field: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}"
+
+
+class ApiError(Exception):
+    """An error to return to the caller as a gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 violations: Sequence[Violation] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.violations = list(violations)
+
+    def to_status(self) -> grpc.Status:
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        if self.violations:
+            detail = any_pb2.Any()
+            detail.Pack(error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in self.violations
+            ]))
+            status.details.append(detail)
+        return rpc_status.to_status(status)
+
+
+def invalid(violations: Sequence[Violation]) -> ApiError:
+    """INVALID_ARGUMENT naming every bad field."""
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(str(v) for v in violations),
+                    violations)
+
+
+def invalid_field(field: str, description: str) -> ApiError:
+    return invalid([Violation(field, description)])
+
+
+def not_found(vm_id: str) -> ApiError:
+    return ApiError(grpc.StatusCode.NOT_FOUND, f"vm {vm_id!r} not found")
+
+
+def failed_precondition(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def code_from_name(name: str) -> grpc.StatusCode:
+    """A grpc.StatusCode from its name ("FAILED_PRECONDITION"); unknown names map to INTERNAL."""
+    try:
+        return grpc.StatusCode[name]
+    except KeyError:
+        return grpc.StatusCode.INTERNAL
+

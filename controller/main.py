@@ -1,0 +1,136 @@
+"""The controller process: gRPC API + agent endpoint + health, over etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controller import config as config_module
+from controller.agent_hub import AgentHub
+from controller.config import ControllerConfig
+from controller.etcd_client import EtcdClient, EtcdUnavailable
+from controller.fleet import Fleet
+from controller.health_http import HealthEndpoint
+from controller.host_service import HostService
+from controller.logs import setup_logging
+from controller.store import Store
+from controller.telemetry import Telemetry, TracingInterceptor
+from controller.vm_cache import VmCache
+from controller.vm_service import VmService, VmServiceSettings
+from vmm.agent.v1 import agent_pb2, agent_pb2_grpc
+from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
+
+log = logging.getLogger("vmm.controller")
+
+SERVICE_NAMES = (
+    vm_pb2.DESCRIPTOR.services_by_name["VmService"].full_name,
+    host_pb2.DESCRIPTOR.services_by_name["HostService"].full_name,
+    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+)
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.etcd = EtcdClient(config.etcd_endpoints)
+        self.store = Store(self.etcd, config.etcd_prefix)
+        self.cache = VmCache(self.store)
+        self.telemetry = Telemetry(exporter=config.telemetry_exporter)
+        self.hub = AgentHub(self.store, self.cache, self.telemetry, config.host_lease_ttl)
+        self.fleet = Fleet(self.store, self.hub)
+        self.vms = VmService(self.store, self.cache, self.hub, self.fleet, self.telemetry,
+                             VmServiceSettings(
+                                 operation_timeout=config.operation_timeout,
+                                 reserve_hotplug_maximum=config.reserve_hotplug_maximum,
+                                 backend_preference=tuple(config.backend_preference)))
+        self.health = health.aio.HealthServicer()
+        self.http = HealthEndpoint(self.etcd.status, self._backends)
+        self.server = grpc.aio.server(
+            interceptors=[TracingInterceptor(self.telemetry.tracer)],
+            options=[("grpc.keepalive_time_ms", 10_000),
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 5_000)])
+        self._alive_task: asyncio.Task[None] | None = None
+
+    def _backends(self) -> list[str]:
+        names = {b.name + (" (simulated)" if b.simulated else "")
+                 for s in self.hub.sessions.values() for b in s.register.backends}
+        return sorted(names)
+
+    async def start(self) -> int:
+        await self.etcd.connect()
+        await self.cache.start()
+        await self.hub.start()
+        vm_pb2_grpc.add_VmServiceServicer_to_server(self.vms, self.server)
+        host_pb2_grpc.add_HostServiceServicer_to_server(HostService(self.fleet), self.server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(self.hub, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        port = self.server.add_insecure_port(self.config.listen)
+        await self.server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.http_listen:
+            await self.http.start(self.config.http_listen)
+        self._alive_task = asyncio.create_task(self._watch_etcd_health())
+        log.info("controller listening on %s (etcd %s)", self.config.listen,
+                 ",".join(self.config.etcd_endpoints))
+        return port
+
+    async def _watch_etcd_health(self) -> None:
+        """Flip the gRPC health status with etcd's reachability; refresh host liveness."""
+        serving = True
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.fleet.refresh_alive()
+                ok = True
+            except EtcdUnavailable:
+                ok = False
+            if ok != serving:
+                serving = ok
+                status = (health_pb2.HealthCheckResponse.SERVING if ok
+                          else health_pb2.HealthCheckResponse.NOT_SERVING)
+                for name in ("", *SERVICE_NAMES):
+                    await self.health.set(name, status)
+                log.warning("etcd %s", "reachable again" if ok else "unreachable")
+
+    async def stop(self) -> None:
+        if self._alive_task:
+            self._alive_task.cancel()
+        await self.server.stop(grace=2.0)
+        await self.http.stop()
+        await self.hub.stop()
+        await self.cache.stop()
+        await self.etcd.close()
+        self.telemetry.shutdown()
+
+
+async def serve(config: ControllerConfig) -> None:
+    controller = Controller(config)
+    await controller.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("controller stopping")
+    with contextlib.suppress(Exception):
+        await controller.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = config_module.load(argv)
+    setup_logging(config.log_level, "controller")
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

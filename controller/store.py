@@ -1,0 +1,187 @@
+"""The fleet's durable state in etcd: key layout and the transactions that change it.
+
+Keys (under a configurable prefix, "/vmm/" by default):
+    vms/<vm_id>          VmRecord: desired state, placement, last observed status
+    hosts/<host_id>      HostRecord: what the agent registered
+    allocations/<host>   Allocation: resources held by the VMs placed on the host
+    alive/<host_id>      empty value on a lease; present while the host's agent is connected
+
+Every write that can race compares a revision: nothing is last-writer-wins by accident.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from controller.etcd_client import Compare, EtcdClient, GetResult, KeyValue, Op
+from vmm.store.v1 import records_pb2
+from vmm.v1 import host_pb2
+
+# How often a read-modify-write is retried when another writer got there first.
+MAX_CAS_ATTEMPTS = 50
+
+
+class ConflictError(Exception):
+    """A compare-and-swap kept losing to other writers."""
+
+
+class CreateOutcome(Enum):
+    CREATED = "created"
+    EXISTS = "exists"
+    ALLOCATION_CHANGED = "allocation changed"
+
+
+@dataclass(frozen=True)
+class StoredVm:
+    record: records_pb2.VmRecord
+    revision: int
+
+
+@dataclass(frozen=True)
+class StoredAllocation:
+    allocation: records_pb2.Allocation
+    # mod_revision of the key; 0 when the host has no allocation yet.
+    revision: int
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Store:
+    def __init__(self, etcd: EtcdClient, prefix: str = "/vmm/") -> None:
+        self.etcd = etcd
+        self.prefix = prefix.rstrip("/") + "/"
+        self.vm_prefix = self.prefix + "vms/"
+        self.host_prefix = self.prefix + "hosts/"
+        self.alloc_prefix = self.prefix + "allocations/"
+        self.alive_prefix = self.prefix + "alive/"
+
+    def vm_key(self, vm_id: str) -> str:
+        return self.vm_prefix + vm_id
+
+    def alloc_key(self, host_id: str) -> str:
+        return self.alloc_prefix + host_id
+
+    # ---- VMs ----------------------------------------------------------------------
+
+    @staticmethod
+    def decode_vm(kv: KeyValue) -> StoredVm:
+        return StoredVm(records_pb2.VmRecord.FromString(kv.value), kv.mod_revision)
+
+    async def get_vm(self, vm_id: str) -> StoredVm | None:
+        kv = await self.etcd.get(self.vm_key(vm_id))
+        return self.decode_vm(kv) if kv else None
+
+    async def list_vms(self) -> tuple[list[StoredVm], int]:
+        kvs, revision = await self.etcd.get_prefix(self.vm_prefix)
+        return [self.decode_vm(kv) for kv in kvs], revision
+
+    async def create_vm(self, record: records_pb2.VmRecord, allocation: StoredAllocation,
+                        new_allocation: records_pb2.Allocation) -> CreateOutcome:
+        """Store a new VM and its host's new allocation atomically."""
+        vm_key, alloc_key = self.vm_key(record.vm_id), self.alloc_key(record.host_id)
+        result = await self.etcd.txn(
+            compares=[Compare.create_revision(vm_key) == 0,
+                      Compare.mod_revision(alloc_key) == allocation.revision],
+            success=[Op.put(vm_key, record.SerializeToString()),
+                     Op.put(alloc_key, new_allocation.SerializeToString())],
+            failure=[Op.get(vm_key)],
+        )
+        if result.succeeded:
+            return CreateOutcome.CREATED
+        existing = result.responses[0] if result.responses else None
+        if isinstance(existing, GetResult) and existing.kvs:
+            return CreateOutcome.EXISTS
+        return CreateOutcome.ALLOCATION_CHANGED
+
+    async def mutate_vm(self, vm_id: str,
+                        change: Callable[[records_pb2.VmRecord], bool | None]) -> StoredVm | None:
+        """Read-modify-write a VM record with CAS on its mod_revision.
+
+        `change` edits the record in place; returning False means "no write needed".
+        Returns the stored result, or None when the VM does not exist.
+        """
+        for _ in range(MAX_CAS_ATTEMPTS):
+            current = await self.get_vm(vm_id)
+            if current is None:
+                return None
+            record = records_pb2.VmRecord()
+            record.CopyFrom(current.record)
+            if change(record) is False:
+                return current
+            record.modified_timestamp = now()
+            key = self.vm_key(vm_id)
+            result = await self.etcd.txn(
+                compares=[Compare.mod_revision(key) == current.revision],
+                success=[Op.put(key, record.SerializeToString())],
+                failure=[],
+            )
+            if result.succeeded:
+                return StoredVm(record, result.revision)
+        raise ConflictError(f"vm {vm_id!r} kept changing under concurrent writers")
+
+    async def delete_vm(self, vm_id: str, expected: StoredVm | None = None) -> bool:
+        """Delete a VM record and give its resources back to its host, atomically."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            current = await self.get_vm(vm_id)
+            if current is None:
+                return False
+            if expected is not None and current.revision != expected.revision:
+                return False
+            rec = current.record
+            alloc = await self.get_allocation(rec.host_id)
+            released = records_pb2.Allocation(
+                allocated=host_pb2.Resources(
+                    vcpus=max(0, alloc.allocation.allocated.vcpus - rec.reserved.vcpus),
+                    memory_bytes=max(0, alloc.allocation.allocated.memory_bytes
+                                     - rec.reserved.memory_bytes)),
+                vm_count=max(0, alloc.allocation.vm_count - 1),
+            )
+            key, alloc_key = self.vm_key(vm_id), self.alloc_key(rec.host_id)
+            result = await self.etcd.txn(
+                compares=[Compare.mod_revision(key) == current.revision,
+                          Compare.mod_revision(alloc_key) == alloc.revision],
+                success=[Op.delete(key), Op.put(alloc_key, released.SerializeToString())],
+                failure=[],
+            )
+            if result.succeeded:
+                return True
+        raise ConflictError(f"deleting vm {vm_id!r} kept racing other writers")
+
+    # ---- hosts and allocations ----------------------------------------------------
+
+    async def put_host(self, record: records_pb2.HostRecord) -> None:
+        await self.etcd.put(self.host_prefix + record.host_id, record.SerializeToString())
+
+    async def get_host(self, host_id: str) -> records_pb2.HostRecord | None:
+        kv = await self.etcd.get(self.host_prefix + host_id)
+        return records_pb2.HostRecord.FromString(kv.value) if kv else None
+
+    async def list_hosts(self) -> list[records_pb2.HostRecord]:
+        kvs, _ = await self.etcd.get_prefix(self.host_prefix)
+        return [records_pb2.HostRecord.FromString(kv.value) for kv in kvs]
+
+    async def get_allocation(self, host_id: str) -> StoredAllocation:
+        kv = await self.etcd.get(self.alloc_key(host_id))
+        if kv is None:
+            return StoredAllocation(records_pb2.Allocation(allocated=host_pb2.Resources()), 0)
+        return StoredAllocation(records_pb2.Allocation.FromString(kv.value), kv.mod_revision)
+
+    async def list_allocations(self) -> dict[str, StoredAllocation]:
+        kvs, _ = await self.etcd.get_prefix(self.alloc_prefix)
+        return {
+            kv.key.removeprefix(self.alloc_prefix):
+                StoredAllocation(records_pb2.Allocation.FromString(kv.value), kv.mod_revision)
+            for kv in kvs
+        }
+
+    async def mark_alive(self, host_id: str, lease: int) -> None:
+        await self.etcd.put(self.alive_prefix + host_id, b"", lease=lease)
+
+    async def alive_hosts(self) -> set[str]:
+        kvs, _ = await self.etcd.get_prefix(self.alive_prefix)
+        return {kv.key.removeprefix(self.alive_prefix) for kv in kvs}

@@ -1,0 +1,119 @@
+"""An in-memory mirror of the VM records in etcd, kept current by a prefix watch.
+
+Reads (GetVmInfo, ListVms) are served from it; WatchVms streams and RPCs waiting
+for an agent's report subscribe to it. Every controller replica has its own,
+so a change written by any replica reaches all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from controller.etcd_client import WatchCompacted, EventType
+from controller.store import Store, StoredVm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VmChange:
+    vm_id: str
+    # None when the VM was deleted.
+    current: StoredVm | None
+    previous: StoredVm | None
+    revision: int
+
+
+class VmCache:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.vms: dict[str, StoredVm] = {}
+        self.revision = 0
+        self._subscribers: set[asyncio.Queue[VmChange]] = set()
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._load()
+        self._task = asyncio.create_task(self._watch_forever(), name="vm-cache-watch")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _load(self) -> None:
+        stored, revision = await self.store.list_vms()
+        fresh = {s.record.vm_id: s for s in stored}
+        gone = set(self.vms) - set(fresh)
+        for vm_id in gone:
+            await self._apply(VmChange(vm_id, None, self.vms.get(vm_id), revision))
+        for vm_id, s in fresh.items():
+            if vm_id not in self.vms or self.vms[vm_id].revision != s.revision:
+                await self._apply(VmChange(vm_id, s, self.vms.get(vm_id), s.revision))
+        self.revision = revision
+        self._ready.set()
+
+    async def _watch_forever(self) -> None:
+        while True:
+            try:
+                async for event in self.store.etcd.watch_prefix(
+                        self.store.vm_prefix, start_revision=self.revision + 1):
+                    vm_id = event.kv.key.removeprefix(self.store.vm_prefix)
+                    if event.type == EventType.DELETE:
+                        change = VmChange(vm_id, None, self.vms.get(vm_id), event.revision)
+                    else:
+                        change = VmChange(vm_id, self.store.decode_vm(event.kv),
+                                          self.vms.get(vm_id), event.revision)
+                    await self._apply(change)
+            except WatchCompacted:
+                log.warning("vm watch fell behind compaction; reloading from etcd")
+                await self._load()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("vm watch failed; retrying")
+                await asyncio.sleep(0.5)
+
+    def note_write(self, stored: StoredVm) -> None:
+        """Apply our own write at once (read-your-writes) if the watch has not yet."""
+        cached = self.vms.get(stored.record.vm_id)
+        if cached is None or cached.revision < stored.revision:
+            self.vms[stored.record.vm_id] = stored
+
+    async def _apply(self, change: VmChange) -> None:
+        cached = self.vms.get(change.vm_id)
+        if change.current is None:
+            self.vms.pop(change.vm_id, None)
+        elif cached is None or cached.revision <= change.current.revision:
+            self.vms[change.vm_id] = change.current
+        self.revision = max(self.revision, change.revision)
+        for queue in list(self._subscribers):
+            queue.put_nowait(change)
+        async with self._changed:
+            self._changed.notify_all()
+
+    def get(self, vm_id: str) -> StoredVm | None:
+        return self.vms.get(vm_id)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[VmChange]]:
+        queue: asyncio.Queue[VmChange] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+
+    async def wait_for(self, vm_id: str, predicate: Callable[[StoredVm | None], bool],
+                       timeout: float) -> StoredVm | None:
+        """Wait until predicate(cached record) holds; raises TimeoutError after timeout."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: predicate(self.vms.get(vm_id)))
+        return self.vms.get(vm_id)
