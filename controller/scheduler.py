@@ -92,7 +92,7 @@ def place(config: vm_pb2.VmConfig, hosts: list[HostView], backend: str = "",
     """
     demand_of = demand_of or {}
     why = NoPlacement()
-    candidates: list[tuple[float, int, Choice]] = []
+    candidates: list[tuple[float, tuple[bool, int], Choice]] = []
     fits: dict[str, BackendFit] = {}
     for host in hosts:
         if not host.ready or (host_id and host.host_id != host_id):
@@ -112,14 +112,15 @@ def place(config: vm_pb2.VmConfig, hosts: list[HostView], backend: str = "",
                     why.full_hosts.append(host)
                 continue
             rank = preference.index(name) if name in preference else len(preference)
-            candidates.append((host.utilisation_after(need.vcpus, need.memory), -rank,
-                               Choice(host, offered, fit)))
+            candidates.append((host.utilisation_after(need.vcpus, need.memory),
+                               (offered.simulated, rank), Choice(host, offered, fit)))
     if not candidates:
         if any(f.ok for f in fits.values()):
             why.backend_violations.clear()
         return why
-    # Densest first; among equals the preferred backend, then the stable host id.
-    candidates.sort(key=lambda c: (-c[0], -c[1], c[2].host.host_id))
+    # Densest first; among equals a real hypervisor before a simulator, then the
+    # preferred backend, then the stable host id.
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2].host.host_id))
     return candidates[0][2]
 
 

@@ -1,0 +1,56 @@
+# vmm-control-plane: `make run` starts a local control plane, `make test` runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEBS := etcd-server qemu-system-x86 busybox-static lz4 cpio gcc binutils libc6-dev nodejs npm
+GUEST_DIR := var/guests
+
+.PHONY: run test bench proto proto-check lint buf-lint guest deps venv clean
+
+run: deps venv guest
+	$(PY) -m tools.local_run
+
+test: deps venv guest
+	$(PY) -m pytest -q
+
+bench: deps venv guest
+	$(PY) -m tools.bench
+
+proto: venv
+	$(PY) -m tools.gen_proto
+
+proto-check: venv
+	$(PY) -m tools.gen_proto --check
+
+guest: venv
+	$(PY) -m tools.guest_images --cache $(GUEST_DIR)
+
+lint: venv buf-lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+buf-lint: node_modules/.bin/buf
+	node_modules/.bin/buf lint proto
+
+node_modules/.bin/buf:
+	npm install --no-audit --no-fund --silent @bufbuild/buf@1
+
+# System packages, installed only when one is missing (a fresh Debian machine as root).
+deps:
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) var build *.egg-info node_modules
