@@ -4,7 +4,8 @@
     desired.json   the last desired state the controller sent (DesiredVm as JSON)
     status.json    the last status the agent reported (VmStatus as JSON)
     runtime.json   what the runtime recorded: pid, process start time, backend, extras
-    api.sock       the hypervisor's API socket (QMP socket for QEMU)
+    (api socket)   the hypervisor's API socket (QMP for QEMU) lives in <state_dir>/sockets/,
+                   named by a digest of the VM id, to stay within the Unix socket path limit
     console.log    the guest serial console (the hypervisor's stdout/stderr)
     metrics.json   hypervisor metrics output, where the backend writes a file
     hypervisor.log hypervisor's own log, where the backend writes one
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,7 +42,10 @@ class VmDir:
 
     @property
     def api_socket(self) -> Path:
-        return self.path / "api.sock"
+        # Unix socket paths are limited to 107 bytes, and a VM dir under a deep state dir
+        # with a 63-character id can exceed that: sockets live in a short sibling dir.
+        digest = hashlib.sha256(self.vm_id.encode()).hexdigest()[:20]
+        return self.path.parent.parent / "sockets" / f"{digest}.sock"
 
     @property
     def console_log(self) -> Path:
@@ -68,11 +73,13 @@ class VmDir:
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        self.api_socket.parent.mkdir(parents=True, exist_ok=True)
 
     def exists(self) -> bool:
         return self.path.is_dir()
 
     def remove(self) -> None:
+        self.api_socket.unlink(missing_ok=True)
         shutil.rmtree(self.path, ignore_errors=True)
 
     def save_desired(self, desired: agent_pb2.DesiredVm) -> None:

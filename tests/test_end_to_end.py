@@ -13,6 +13,7 @@ import grpc
 import psutil
 import pytest
 
+from agent.vm_dir import VmDir
 from tests.support.cluster import GIB, Cluster, wait_until
 from vmm.v1 import host_pb2, vm_pb2
 
@@ -151,10 +152,10 @@ def test_restarted_agent_adopts_running_vms_without_reboot(
         assert hypervisor_pid(cluster, vm_id) == pid
         console = (vm_dir(cluster, "h1", vm_id) / "console.log").read_text()
         assert console.count("GUEST-READY") == boots[vm_id]
-        sockets = [p for p in psutil.process_iter(["cmdline"])
-                   if any(str(vm_dir(cluster, "h1", vm_id)) in a
-                          for a in (p.info["cmdline"] or []))]
-        assert len(sockets) == 1, f"{vm_id} has {len(sockets)} hypervisor processes"
+        api_socket = str(VmDir(vm_dir(cluster, "h1", vm_id)).api_socket)
+        serving = [p for p in psutil.process_iter(["cmdline"])
+                   if api_socket in (p.info["cmdline"] or [])]
+        assert len(serving) == 1, f"{vm_id} has {len(serving)} hypervisor processes"
     # The adopted VMs are still driven: resume goes through.
     assert cluster.vms.ResumeVm(vm_pb2.ResumeVmRequest(vm_id="x2")).state == S.VM_STATE_RUNNING
 
