@@ -11,7 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from controller.etcd_client import EtcdClient
-from tests.support.cluster import Cluster
+from tools.cluster import Cluster
 from vmm.v1 import vm_pb2
 
 

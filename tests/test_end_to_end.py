@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from agent.vm_dir import VmDir
-from tests.support.cluster import GIB, Cluster, wait_until
+from tools.cluster import GIB, Cluster, wait_until
 from vmm.v1 import host_pb2, vm_pb2
 
 S = vm_pb2

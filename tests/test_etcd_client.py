@@ -22,7 +22,7 @@ from controller.etcd_client import (
     WatchEvent,
     prefix_range_end,
 )
-from tests.support.etcd_server import EtcdCluster, EtcdServer, free_loopback_port
+from tools.etcd_server import EtcdCluster, EtcdServer, free_loopback_port
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from google.protobuf.descriptor import FieldDescriptor as F
 
-from tests.support.cluster import ROOT
+from tools.cluster import ROOT
 from vmm.v1 import vm_pb2
 
 I32, I64, STR, BOOL, DBL, MSG, ENUM = (F.TYPE_INT32, F.TYPE_INT64, F.TYPE_STRING, F.TYPE_BOOL,

@@ -1,15 +1,14 @@
 """`make run`: the whole control plane on this one machine.
 
 Starts a local etcd (data under var/etcd), the controller and one agent (state under
-var/agent) offering every backend this machine has; Ctrl-C stops the VMs, the agent,
-the controller and etcd, in that order, and leaves nothing running.
+var/agent) offering every backend this machine has, and prepares /var/lib/vmm/ for the
+example configs in deploy/examples/. Ctrl-C stops the VMs, the agent, the controller and
+etcd, in that order, and leaves nothing running.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,15 +16,53 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tools import guest_images
+from tools.etcd_server import EtcdServer, EtcdServerError
+
 ROOT = Path(__file__).resolve().parent.parent
 VAR = ROOT / "var"
+# Where deploy/examples/ point: guests (a link to the built images) and disk images.
+EXAMPLE_ROOT = Path("/var/lib/vmm")
+EXAMPLE_DISK_BYTES = 64 << 20
+
+
+def prepare_example_files(guests: Path) -> None:
+    """Make the files the example configs name exist (sparse disks, the built guest)."""
+    link = EXAMPLE_ROOT / "guests"
+    EXAMPLE_ROOT.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or not link.exists():
+        link.unlink(missing_ok=True)
+        link.symlink_to(guests.resolve(), target_is_directory=True)
+    images = EXAMPLE_ROOT / "images"
+    images.mkdir(exist_ok=True)
+    for example in (ROOT / "deploy" / "examples").glob("*.json"):
+        for word in example.read_text().split('"'):
+            path = Path(word)
+            if word.startswith(str(images)) and not path.exists():
+                with open(path, "wb") as f:
+                    f.truncate(EXAMPLE_DISK_BYTES)
+
+
+def stable_guest_names(cache: Path) -> Path:
+    """var/guests/current/{vmlinux,bzImage,initramfs.cpio.gz,tiny.elf,tiny-pvh.elf}."""
+    linux = guest_images.linux_guest(cache)
+    tiny = guest_images.tiny_guest(cache)
+    current = cache / "current"
+    current.mkdir(parents=True, exist_ok=True)
+    for name, target in (("vmlinux", linux.vmlinux), ("bzImage", linux.bzimage),
+                         ("initramfs.cpio.gz", linux.initramfs), ("tiny.elf", tiny.elf64),
+                         ("tiny-pvh.elf", tiny.pvh32)):
+        link = current / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(target.resolve())
+    return current
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with status {proc.returncode}; see its log in {VAR}")
+            raise SystemExit(f"{what} exited with status {proc.returncode}; see var/{what}.log")
         try:
             with urllib.request.urlopen(url, timeout=0.5):  # noqa: S310 - loopback only
                 return
@@ -34,11 +71,10 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], what: str
     raise SystemExit(f"{what} did not answer {url} within {timeout:.0f}s")
 
 
-def start(argv: list[str], log_name: str, env: dict[str, str] | None = None
-          ) -> subprocess.Popen[bytes]:
-    log = open(VAR / log_name, "ab")  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+def start(argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    with open(VAR / log_name, "ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -52,46 +88,38 @@ def stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Run the control plane on this machine.")
     parser.add_argument("--etcd-port", type=int, default=23790)
     parser.add_argument("--listen", default="127.0.0.1:50051")
     parser.add_argument("--http-listen", default="127.0.0.1:8080")
     args = parser.parse_args()
-    etcd = shutil.which("etcd")
-    if etcd is None:
-        raise SystemExit("etcd is not installed (Debian package etcd-server); run `make deps`")
     VAR.mkdir(exist_ok=True)
-    py = sys.executable
-    client_url = f"http://127.0.0.1:{args.etcd_port}"
+    guests = stable_guest_names(guest_images.default_cache_dir())
+    prepare_example_files(guests)
+
+    etcd = EtcdServer(VAR / "etcd", name="local", ports=(args.etcd_port, args.etcd_port + 1))
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    py = sys.executable
     try:
-        etcd_proc = start([
-            etcd, "--name", "local", "--data-dir", str(VAR / "etcd"),
-            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-            "--listen-peer-urls", f"http://127.0.0.1:{args.etcd_port + 1}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{args.etcd_port + 1}",
-            "--initial-cluster", f"local=http://127.0.0.1:{args.etcd_port + 1}",
-            "--heartbeat-interval", "10", "--election-timeout", "100",
-            "--auto-compaction-mode", "revision", "--auto-compaction-retention", "1000",
-        ], "etcd.log")
-        procs.append(("etcd", etcd_proc))
-        wait_http(f"{client_url}/health", 20, etcd_proc, "etcd")
+        try:
+            etcd.start()
+        except EtcdServerError as exc:
+            raise SystemExit(f"etcd did not start: {exc}\n{etcd.log_tail()}") from None
         controller = start([py, "-m", "controller.main", "--listen", args.listen,
-                            "--http-listen", args.http_listen,
-                            "--etcd-endpoints", f"127.0.0.1:{args.etcd_port}",
-                            "--backend-preference", "qemu,firecracker,cloud-hypervisor"],
+                            "--http-listen", args.http_listen, "--etcd-endpoints", etcd.endpoint],
                            "controller.log")
         procs.append(("controller", controller))
-        wait_http(f"http://{args.http_listen}/_/health", 20, controller, "controller")
-        env = dict(os.environ)
+        wait_http(f"http://{args.http_listen}/_/health", 30, controller, "controller")
         agent = start([py, "-m", "agent.main", "--controller", args.listen,
                        "--state-dir", str(VAR / "agent"), "--stop-vms-on-exit", "true"],
-                      "agent.log", env)
+                      "agent.log")
         procs.append(("agent", agent))
-        print(f"control plane running: gRPC {args.listen}, health http://{args.http_listen}/_/health")
-        print(f"logs in {VAR}/{{etcd,controller,agent}}.log; Ctrl-C stops everything")
-        print("try:  .venv/bin/vmmctl hosts")
-        print("      .venv/bin/vmmctl create -f deploy/examples/linux-guest.json")
+        print(f"control plane running: gRPC {args.listen}, "
+              f"health http://{args.http_listen}/_/health, etcd {etcd.endpoint}")
+        print(f"logs: {VAR}/controller.log, {VAR}/agent.log, {etcd.log_path}")
+        print("in another shell:  . .venv/bin/activate; vmmctl hosts; "
+              "vmmctl create -f deploy/examples/linux-guest.json")
+        print("Ctrl-C stops everything")
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(p.poll() is None for _, p in procs):
             time.sleep(0.5)
@@ -101,9 +129,10 @@ def main() -> None:
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
-        # The agent first: it stops its VMs; etcd last.
+        # The agent first (it stops its VMs), then the controller, etcd last.
         for name, p in reversed(procs):
             stop(p, 60 if name == "agent" else 10)
+        etcd.stop()
 
 
 if __name__ == "__main__":

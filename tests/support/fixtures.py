@@ -14,7 +14,7 @@ import pytest
 
 from controller.etcd_client import EtcdClient
 
-from .etcd_server import EtcdCluster, EtcdServer, find_etcd
+from tools.etcd_server import EtcdCluster, EtcdServer, find_etcd
 
 ETCD_MISSING = "needs an etcd binary on PATH or in $ETCD_BINARY (Debian package etcd-server)"
 

@@ -1,4 +1,5 @@
-"""A whole control plane for tests: real etcd, the controller and agents as separate processes."""
+"""A whole control plane on this machine: real etcd, the controller and agents as separate
+processes. Used by the end-to-end tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from tests.support.etcd_server import EtcdServer, free_loopback_port
+from tools.etcd_server import EtcdServer, free_loopback_port
 from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
