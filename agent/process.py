@@ -56,13 +56,16 @@ def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
     return ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
 
 
-# Exit statuses of children this agent spawned and reaped, by pid.
+# Children this agent spawned, and the exit statuses of those it has reaped, by pid.
+_children: set[int] = set()
 _exit_statuses: dict[int, int] = {}
 
 
 def _reap_in_background(proc: subprocess.Popen[bytes]) -> None:
     # The agent is the parent while it lives: reap the child so it never lingers
     # as a zombie that still looks alive to is_alive(), and keep its exit status.
+    _children.add(proc.pid)
+
     def reap() -> None:
         _exit_statuses[proc.pid] = proc.wait()
 
@@ -79,9 +82,21 @@ def is_alive(ref: ProcessRef) -> bool:
         return False
 
 
+def exit_status(ref: ProcessRef) -> int | None:
+    """The exit status of an ended child of this agent (negative: killed by that signal);
+    None for a process adopted after an agent restart, which is not our child."""
+    if ref.pid not in _children:
+        return None
+    # The process turns into a zombie a moment before the reaper thread records it.
+    deadline = time.monotonic() + 1.0
+    while ref.pid not in _exit_statuses and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return _exit_statuses.get(ref.pid)
+
+
 def exit_detail(ref: ProcessRef) -> str:
     """How the process ended, as far as the agent can still tell."""
-    status = _exit_statuses.get(ref.pid)
+    status = exit_status(ref)
     if status is None:
         # Adopted after an agent restart: not our child, so no exit status.
         return f"hypervisor process {ref.pid} exited"

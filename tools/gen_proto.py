@@ -9,6 +9,7 @@ from __future__ import annotations
 import filecmp
 import shutil
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -25,12 +26,15 @@ def proto_files() -> list[Path]:
 
 def generate(out_dir: Path) -> None:
     include = Path(grpc_tools.__file__).parent / "_proto"
+    # mypy-protobuf's stubs type enums and maps precisely (protoc's own .pyi do not).
+    plugin = Path(sysconfig.get_path("scripts")) / "protoc-gen-mypy"
     args = [
         "protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
+        f"--plugin=protoc-gen-mypy={plugin}",
         f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
+        f"--mypy_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         *(str(p.relative_to(PROTO_ROOT)) for p in proto_files()),
     ]
