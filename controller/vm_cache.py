@@ -31,7 +31,10 @@ class VmChange:
 class VmCache:
     def __init__(self, store: Store) -> None:
         self.store = store
+        # The freshest record of each VM: watch events plus this replica's own writes.
         self.vms: dict[str, StoredVm] = {}
+        # Each VM as the watch last delivered it: what a change is a change *from*.
+        self._watched: dict[str, StoredVm] = {}
         self.revision = 0
         self._subscribers: set[asyncio.Queue[VmChange]] = set()
         self._changed = asyncio.Condition()
@@ -51,12 +54,12 @@ class VmCache:
     async def _load(self) -> None:
         stored, revision = await self.store.list_vms()
         fresh = {s.record.vm_id: s for s in stored}
-        gone = set(self.vms) - set(fresh)
+        gone = set(self._watched) - set(fresh)
         for vm_id in gone:
-            await self._apply(VmChange(vm_id, None, self.vms.get(vm_id), revision))
+            await self._apply(VmChange(vm_id, None, self._watched.get(vm_id), revision))
         for vm_id, s in fresh.items():
-            if vm_id not in self.vms or self.vms[vm_id].revision != s.revision:
-                await self._apply(VmChange(vm_id, s, self.vms.get(vm_id), s.revision))
+            if vm_id not in self._watched or self._watched[vm_id].revision != s.revision:
+                await self._apply(VmChange(vm_id, s, self._watched.get(vm_id), s.revision))
         self.revision = revision
         self._ready.set()
 
@@ -66,11 +69,12 @@ class VmCache:
                 async for event in self.store.etcd.watch_prefix(
                         self.store.vm_prefix, start_revision=self.revision + 1):
                     vm_id = event.kv.key.removeprefix(self.store.vm_prefix)
+                    previous = self._watched.get(vm_id)
                     if event.type == EventType.DELETE:
-                        change = VmChange(vm_id, None, self.vms.get(vm_id), event.revision)
+                        change = VmChange(vm_id, None, previous, event.revision)
                     else:
-                        change = VmChange(vm_id, self.store.decode_vm(event.kv),
-                                          self.vms.get(vm_id), event.revision)
+                        change = VmChange(vm_id, self.store.decode_vm(event.kv), previous,
+                                          event.revision)
                     await self._apply(change)
             except WatchCompacted:
                 log.warning("vm watch fell behind compaction; reloading from etcd")
@@ -91,7 +95,11 @@ class VmCache:
         cached = self.vms.get(change.vm_id)
         if change.current is None:
             self.vms.pop(change.vm_id, None)
-        elif cached is None or cached.revision <= change.current.revision:
+            self._watched.pop(change.vm_id, None)
+        else:
+            self._watched[change.vm_id] = change.current
+        if change.current is not None and (
+                cached is None or cached.revision <= change.current.revision):
             self.vms[change.vm_id] = change.current
         self.revision = max(self.revision, change.revision)
         for queue in list(self._subscribers):

@@ -93,6 +93,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         self.fleet = fleet
         self.telemetry = telemetry
         self.settings = settings or VmServiceSettings()
+        self._placement_lock = asyncio.Lock()
 
     # ---- create -----------------------------------------------------------------------
 
@@ -133,6 +134,14 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
                                        simulated=record.simulated))
 
     async def _place_and_store(self, vm_id: str, request: vm_pb2.CreateVmRequest) -> StoredVm:
+        # One placement at a time per controller: concurrent creates would otherwise all
+        # pick the same densest host and retry each other's conflicts. The transaction's
+        # revision compare still guards against other controller replicas.
+        async with self._placement_lock:
+            return await self._place_and_store_locked(vm_id, request)
+
+    async def _place_and_store_locked(self, vm_id: str,
+                                      request: vm_pb2.CreateVmRequest) -> StoredVm:
         config = request.config
         for _attempt in range(PLACEMENT_ATTEMPTS):
             hosts = await self.fleet.host_views()

@@ -17,7 +17,7 @@ import grpc
 from tools.etcd_server import EtcdServer, free_loopback_port
 from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
 
 

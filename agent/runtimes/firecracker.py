@@ -1,0 +1,593 @@
+"""The Firecracker runtime: one `firecracker --api-sock` process per VM, driven
+through Firecracker's HTTP API.
+
+Firecracker is configured piece by piece before `InstanceStart` and cannot be
+configured again afterwards, so a process serves exactly one boot. It has no
+in-place shutdown or reboot either: the only stop signal a guest sees is
+Ctrl+Alt+Del on the emulated i8042 controller. A Linux guest answers it by
+rebooting, and Firecracker exits when its guest reboots. Shutdown is therefore
+Ctrl+Alt+Del, a bounded wait and a kill; reboot is a shutdown followed by a
+fresh, freshly configured process.
+
+With boot.boot_options["ready_marker"] set, boot (and so reboot) returns once
+the guest has printed that text on its serial console.
+
+Everything needed after an agent restart is in the VM's runtime.json: the
+process reference (pid, start time), `booted_at` once the guest was started and
+`stopped_at` once the agent stopped it. The in-memory samples only serve rate
+calculations and are rebuilt when missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmm import features
+from vmm.agent.v1 import agent_pb2
+from vmm.v1 import host_pb2, vm_pb2
+
+from agent import process
+from agent.hypervisors.firecracker_api import (
+    BootSource,
+    Drive,
+    FirecrackerApi,
+    InstanceState,
+    MachineConfig,
+    NetworkInterface,
+    RateLimiter,
+    TokenBucket,
+)
+from agent.process import ProcessRef
+from agent.runtimes.base import (
+    Observation,
+    Runtime,
+    RuntimeFailure,
+    RuntimeSettings,
+    UnsupportedOperation,
+    check_host_paths,
+    console_tail,
+    find_binary,
+)
+from agent.runtimes.readiness import console_offset, ready_marker, wait_for_console_marker
+from agent.vm_dir import VmDir
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+# ---- the Firecracker column of the backend support matrix ------------------------------
+
+_FULL = host_pb2.SUPPORT_FULL
+_PARTIAL = host_pb2.SUPPORT_PARTIAL
+_IGNORED = host_pb2.SUPPORT_IGNORED
+_NONE = host_pb2.SUPPORT_NONE
+
+SUPPORT_MATRIX: tuple[tuple[str, host_pb2.Support.ValueType, str], ...] = (
+    # feature key            support    detail
+    ("vm.create",            _FULL,     ""),
+    ("vm.boot",              _FULL,     ""),
+    ("vm.shutdown",          _PARTIAL,  "Ctrl+Alt+Del (force only)"),
+    ("vm.pause_resume",      _FULL,     ""),
+    ("vm.reboot",            _PARTIAL,  "Ctrl+Alt+Del (force only)"),
+    ("vm.delete",            _FULL,     ""),
+    ("cpu.vcpu_count",       _FULL,     "1-32 vCPUs"),
+    ("cpu.hotplug",          _NONE,     ""),
+    ("cpu.max_vcpu_count",   _IGNORED,  "ignored - no hotplug support"),
+    ("cpu.topology",         _NONE,     "basic: no sockets, cores or NUMA"),
+    ("cpu.affinity",         _NONE,     ""),
+    ("memory.size",          _FULL,     "128 MiB - 32 GiB"),
+    ("memory.hotplug",       _NONE,     ""),
+    ("memory.hugepages",     _NONE,     ""),
+    ("memory.numa",          _NONE,     ""),
+    ("memory.sharing",       _NONE,     ""),
+    ("storage.block",        _FULL,     "files and raw block devices"),
+    ("storage.read_only",    _FULL,     ""),
+    ("storage.multiple",     _FULL,     "~10 devices"),
+    ("storage.hotplug",      _NONE,     ""),
+    ("storage.advanced_io",  _PARTIAL,  "basic: cache_type, io_engine, rate limits"),
+    ("network.tap",          _FULL,     "single/few"),
+    ("network.mac",          _FULL,     ""),
+    ("network.vhost_user",   _NONE,     ""),
+    ("network.hotplug",      _NONE,     ""),
+    ("network.sriov",        _NONE,     ""),
+    ("console.serial",       _FULL,     ""),
+    ("console.logging",      _FULL,     "file output"),
+    ("debug.rich",           _PARTIAL,  "minimal"),
+    ("debug.gdb",            _PARTIAL,  "limited: needs a Firecracker built with gdb support"),
+)  # fmt: skip
+
+LIMITS = host_pb2.BackendLimits(
+    min_vcpus=1, max_vcpus=32,
+    min_memory_bytes=128 * MIB, max_memory_bytes=32 * GIB,
+    max_disks=10,  # the matrix: "~10 devices"
+    max_nics=4,  # the matrix: "single/few"
+)
+
+# VmConfig options that map onto Firecracker's API, per device kind.
+DISK_OPTIONS = ("cache_type", "io_engine", "rate_limit_bandwidth", "rate_limit_ops")
+NIC_OPTIONS = ("rate_limit_bandwidth", "rate_limit_ops")
+
+_VM_STATES: dict[str, vm_pb2.VmState.ValueType] = {
+    InstanceState.NOT_STARTED.value: vm_pb2.VM_STATE_CREATED,
+    InstanceState.RUNNING.value: vm_pb2.VM_STATE_RUNNING,
+    InstanceState.PAUSED.value: vm_pb2.VM_STATE_PAUSED,
+}
+
+# Module that runs the API simulator when no firecracker-sim script is on PATH.
+SIMULATOR_MODULE = "tools.firecracker_sim"
+
+
+
+# ---- VmConfig -> Firecracker API bodies ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FirecrackerConfig:
+    """A VmConfig as the sequence of pre-boot API bodies that configure it."""
+
+    machine: MachineConfig
+    boot: BootSource
+    drives: tuple[Drive, ...]
+    nics: tuple[NetworkInterface, ...]
+
+
+def drive_ids(storage: Sequence[vm_pb2.StorageDevice]) -> list[str]:
+    """Stable Firecracker drive ids: the device id, else "rootfs" / "disk<index>"."""
+    return [d.id or ("rootfs" if d.is_root_device else f"disk{i}") for i, d in enumerate(storage)]
+
+
+def nic_ids(network: Sequence[vm_pb2.NetworkInterface]) -> list[str]:
+    return [n.id or f"eth{i}" for i, n in enumerate(network)]
+
+
+def config_violations(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
+    """What in a config Firecracker cannot express, by field path."""
+    out: list[agent_pb2.FieldViolation] = []
+
+    def violation(field_path: str, description: str) -> None:
+        out.append(agent_pb2.FieldViolation(field=field_path, description=description))
+
+    size = config.memory.size_bytes
+    if size % MIB:
+        violation("config.memory.size_bytes",
+                  f"firecracker sizes memory in whole MiB: {size} bytes is not a multiple "
+                  f"of {MIB}")
+    for kind, options, ids, supported in (
+        ("storage", [d.options for d in config.storage], drive_ids(config.storage),
+         DISK_OPTIONS),
+        ("network", [n.options for n in config.network], nic_ids(config.network), NIC_OPTIONS),
+    ):
+        seen: set[str] = set()
+        for i, (device_options, device_id) in enumerate(zip(options, ids, strict=True)):
+            if device_id in seen:
+                violation(f"config.{kind}[{i}].id",
+                          f"device id {device_id!r} is used twice; firecracker needs unique ids")
+            seen.add(device_id)
+            for key, value in sorted(device_options.items()):
+                path = f"config.{kind}[{i}].options[{key}]"
+                if key not in supported:
+                    violation(path, f"firecracker does not support the {kind} option {key!r} "
+                                    f"(it supports: {', '.join(supported)})")
+                elif key.startswith("rate_limit_") and _positive_int(value) is None:
+                    violation(path, f"expected a positive whole number per second, got {value!r}")
+    return out
+
+
+def translate(config: vm_pb2.VmConfig) -> FirecrackerConfig:
+    """The API bodies for config; RuntimeFailure (INVALID_ARGUMENT) if it cannot be expressed."""
+    violations = config_violations(config)
+    if violations:
+        raise RuntimeFailure("; ".join(f"{v.field}: {v.description}" for v in violations),
+                             "INVALID_ARGUMENT")
+    boot = config.boot
+    return FirecrackerConfig(
+        machine=MachineConfig(
+            vcpu_count=config.cpu.vcpu_count,
+            mem_size_mib=config.memory.size_bytes // MIB,
+            gdb_socket_path=boot.boot_options.get(features.GDB_KEY) or None,
+        ),
+        boot=BootSource(kernel_image_path=boot.kernel_path,
+                        # Empty args leave Firecracker's own defaults in place.
+                        boot_args=boot.kernel_args or None,
+                        initrd_path=boot.initrd_path or None),
+        drives=tuple(
+            Drive(drive_id=drive_id, path_on_host=disk.path,
+                  is_root_device=disk.is_root_device, is_read_only=disk.read_only,
+                  cache_type=_variant(disk.options.get("cache_type")),
+                  io_engine=_variant(disk.options.get("io_engine")),
+                  rate_limiter=_rate_limiter(disk.options))
+            for disk, drive_id in zip(config.storage, drive_ids(config.storage), strict=True)
+        ),
+        nics=tuple(
+            NetworkInterface(iface_id=iface_id, host_dev_name=nic.tap_device,
+                             guest_mac=nic.mac_address or None,
+                             # A NIC's limits apply to each direction.
+                             rx_rate_limiter=_rate_limiter(nic.options),
+                             tx_rate_limiter=_rate_limiter(nic.options))
+            for nic, iface_id in zip(config.network, nic_ids(config.network), strict=True)
+        ),
+    )
+
+
+def _variant(value: str | None) -> str | None:
+    # Firecracker's enum variants are capitalised ("Writeback", "Async").
+    return value.strip().capitalize() if value else None
+
+
+def _positive_int(value: str) -> int | None:
+    try:
+        number = int(value)
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
+def _rate_limiter(options: Mapping[str, str]) -> RateLimiter | None:
+    bandwidth = _positive_int(options.get("rate_limit_bandwidth", ""))
+    ops = _positive_int(options.get("rate_limit_ops", ""))
+    if bandwidth is None and ops is None:
+        return None
+    return RateLimiter(bandwidth=TokenBucket(bandwidth) if bandwidth else None,
+                       ops=TokenBucket(ops) if ops else None)
+
+
+def instance_id(vm_id: str) -> str:
+    """Firecracker's --id accepts 1-64 characters of [A-Za-z0-9-]."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", vm_id)[:64] or "vm"
+
+
+# ---- metrics --------------------------------------------------------------------------
+
+# Firecracker metrics counter -> VmMetrics field, for the device-kind aggregates.
+_BLOCK_COUNTERS = {"read_bytes": "bytes_read", "write_bytes": "bytes_written",
+                   "read_count": "read_operations", "write_count": "write_operations"}
+_NET_COUNTERS = {"rx_bytes_count": "bytes_received", "tx_bytes_count": "bytes_transmitted",
+                 "rx_packets_count": "packets_received", "tx_packets_count": "packets_transmitted"}
+
+
+@dataclass
+class MetricsTotals:
+    """Running totals of one Firecracker metrics file.
+
+    Firecracker appends one JSON object per flush, and its counters hold the change
+    since the previous flush, so a total is the sum over every line. Each update
+    reads only what was appended since the last one.
+    """
+
+    path: Path
+    offset: int = 0
+    block: dict[str, int] = field(default_factory=dict)
+    net: dict[str, int] = field(default_factory=dict)
+
+    def update(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:  # rewritten by a new process
+                    self.offset, self.block, self.net = 0, {}, {}
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        # A line still being written is picked up by the next update.
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                sample = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(sample, dict):
+                _add_counters(self.block, sample.get("block"), _BLOCK_COUNTERS)
+                _add_counters(self.net, sample.get("net"), _NET_COUNTERS)
+
+    def storage_stats(self) -> vm_pb2.StorageStats:
+        return vm_pb2.StorageStats(**self.block)
+
+    def network_stats(self) -> vm_pb2.NetworkStats:
+        return vm_pb2.NetworkStats(**self.net)
+
+
+def _add_counters(totals: dict[str, int], group: object, names: dict[str, str]) -> None:
+    if not isinstance(group, dict):
+        return
+    for counter, field_name in names.items():
+        value = group.get(counter)
+        if isinstance(value, int):
+            totals[field_name] = totals.get(field_name, 0) + value
+
+
+@dataclass
+class _VmSamples:
+    """Per-VM state for rates: the previous CPU reading and the metrics totals."""
+
+    pid: int
+    metrics: MetricsTotals
+    cpu_at: float  # wall clock of the previous CPU reading
+    cpu_seconds: float
+
+
+# ---- the runtime ----------------------------------------------------------------------
+
+
+class FirecrackerRuntime(Runtime):
+    name = features.FIRECRACKER
+
+    def __init__(self, binary: str, simulated: bool, settings: RuntimeSettings,
+                 command: Sequence[str] | None = None) -> None:
+        super().__init__(binary, simulated, settings)
+        # argv prefix that starts one Firecracker (or simulator) process.
+        self.command: tuple[str, ...] = tuple(command) if command else (binary,)
+        self._version: str | None = None
+        self._samples: dict[Path, _VmSamples] = {}
+
+    # ---- discovery and declarations -------------------------------------------------
+
+    @classmethod
+    def detect(cls, settings: RuntimeSettings) -> FirecrackerRuntime | None:
+        if not settings.force_simulator:
+            if settings.binary:
+                binary = find_binary(settings.binary, ())
+                if binary is None:
+                    log.warning("firecracker binary not found: configured=%s", settings.binary)
+                    return None
+                return cls(binary, simulated=False, settings=settings)
+            binary = find_binary(None, ("firecracker",))
+            if binary:
+                return cls(binary, simulated=False, settings=settings)
+        simulator = shutil.which("firecracker-sim")
+        if simulator:
+            return cls(simulator, simulated=True, settings=settings)
+        if importlib.util.find_spec(SIMULATOR_MODULE) is None:
+            return None
+        return cls(sys.executable, simulated=True, settings=settings,
+                   command=(sys.executable, "-m", SIMULATOR_MODULE))
+
+    def version(self) -> str:
+        if self._version is None:
+            self._version = "simulator" if self.simulated else self._binary_version()
+        return self._version
+
+    def _binary_version(self) -> str:
+        # `firecracker --version` prints "Firecracker v1.14.2" first.
+        try:
+            done = subprocess.run([*self.command, "--version"], capture_output=True,
+                                  text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("firecracker --version failed: %s", e)
+            return ""
+        first = (done.stdout.strip().splitlines() or [""])[0].strip()
+        return first.removeprefix("Firecracker").strip().removeprefix("v")
+
+    def capabilities(self) -> host_pb2.BackendCapabilities:
+        return host_pb2.BackendCapabilities(
+            backend=self.name,
+            limits=LIMITS,
+            features=[features.feature(key, support, detail)
+                      for key, support, detail in SUPPORT_MATRIX],
+        )
+
+    def preflight(self, vm_id: str, config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
+        return check_host_paths(config) + config_violations(config)
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def create(self, vm: VmDir, desired: agent_pb2.DesiredVm) -> None:
+        await self._start_process(vm, desired)
+
+    async def boot(self, vm: VmDir, desired: agent_pb2.DesiredVm) -> None:
+        ref = self.live_process(vm)
+        if ref is None:
+            ref = await self._start_process(vm, desired)
+        since = console_offset(vm)
+        async with self._api(vm) as api:
+            state = (await api.instance_info()).state
+            if state == InstanceState.RUNNING:
+                return
+            if state == InstanceState.PAUSED:
+                raise RuntimeFailure(f"VM {vm.vm_id} is paused: resume it rather than boot it")
+            await api.start_instance()
+        self._record(vm, ref, booted_at=time.time())
+        marker = ready_marker(desired.config.boot.boot_options)
+        if marker:
+            await wait_for_console_marker(vm, marker, self.settings.boot_timeout, since,
+                                          alive=lambda: process.is_alive(ref))
+
+    async def pause(self, vm: VmDir) -> None:
+        self._require_process(vm)
+        async with self._api(vm) as api:
+            await api.pause()
+
+    async def resume(self, vm: VmDir) -> None:
+        self._require_process(vm)
+        async with self._api(vm) as api:
+            await api.resume()
+
+    # The Runtime interface names the parameter `timeout`.
+    async def shutdown(self, vm: VmDir, force: bool, timeout: float) -> None:  # noqa: ASYNC109
+        ref = self.live_process(vm)
+        if ref is not None:
+            if not force:
+                await self._ctrl_alt_del(vm, ref, timeout)
+            await process.kill(ref)
+            # Keep the reference so observe() can tell this stop from a crash.
+            self._record(vm, ref, stopped_at=time.time())
+        vm.api_socket.unlink(missing_ok=True)
+        self._samples.pop(vm.path, None)
+
+    async def reboot(self, vm: VmDir, desired: agent_pb2.DesiredVm, force: bool) -> None:
+        timeout = desired.shutdown.timeout_seconds or self.settings.default_shutdown_timeout
+        await self.shutdown(vm, force, timeout)
+        await self.boot(vm, desired)
+
+    async def destroy(self, vm: VmDir) -> None:
+        await super().destroy(vm)
+        self._samples.pop(vm.path, None)
+
+    async def observe(self, vm: VmDir) -> Observation:
+        data = vm.load_runtime()
+        ref = ProcessRef.from_dict(data)
+        info = {"api_socket": str(vm.api_socket), "simulated": str(self.simulated).lower()}
+        if ref is None:
+            return Observation(alive=False, detail="no firecracker process recorded",
+                               backend_info=info)
+        info["pid"] = str(ref.pid)
+        if not process.is_alive(ref):
+            detail = process.exit_detail(ref)
+            if "stopped_at" in data:
+                return Observation(alive=False, pid=ref.pid, clean_exit=True,
+                                   detail=f"stopped by the agent ({detail})", backend_info=info)
+            return Observation(alive=False, pid=ref.pid, detail=detail,
+                               clean_exit=process.exit_status(ref) == 0, backend_info=info)
+        try:
+            async with FirecrackerApi(vm.api_socket, timeout=2.0) as api:
+                instance = await api.instance_info()
+        except RuntimeFailure as e:
+            return Observation(alive=True, pid=ref.pid, detail=e.message, backend_info=info)
+        info["firecracker_version"] = instance.vmm_version
+        state = _VM_STATES.get(instance.state, vm_pb2.VM_STATE_UNSPECIFIED)
+        detail = "" if state else f"unknown firecracker state {instance.state!r}"
+        return Observation(alive=True, state=state, pid=ref.pid, detail=detail,
+                           backend_info=info)
+
+    async def metrics(self, vm: VmDir) -> vm_pb2.VmMetrics:
+        data = vm.load_runtime()
+        ref = ProcessRef.from_dict(data)
+        if ref is None or not process.is_alive(ref):
+            return vm_pb2.VmMetrics()
+        booted_at = data.get("booted_at")
+        if isinstance(booted_at, int | float):
+            # Firecracker refuses FlushMetrics before the guest starts.
+            async with self._api(vm) as api:
+                await api.flush_metrics()
+        samples = self._samples.get(vm.path)
+        if samples is None or samples.pid != ref.pid:
+            # No earlier reading of this process: average since it started.
+            samples = _VmSamples(ref.pid, MetricsTotals(vm.metrics_file), ref.started_at, 0.0)
+            self._samples[vm.path] = samples
+        samples.metrics.update()
+        now, cpu = time.time(), process.cpu_seconds(ref)
+        elapsed = now - samples.cpu_at
+        cpu_percent = max(0.0, (cpu - samples.cpu_seconds) / elapsed * 100) if elapsed > 0 else 0.0
+        samples.cpu_at, samples.cpu_seconds = now, cpu
+        return vm_pb2.VmMetrics(
+            cpu_usage_percent=cpu_percent,
+            memory_usage_bytes=process.rss_bytes(ref),
+            network_stats=samples.metrics.network_stats(),
+            storage_stats=samples.metrics.storage_stats(),
+            uptime_seconds=int(now - booted_at) if isinstance(booted_at, int | float) else 0,
+        )
+
+    async def hotplug(self, vm: VmDir, request: agent_pb2.HotplugRequest) -> vm_pb2.VmConfig:
+        change = request.WhichOneof("change")
+        if change == "resize" and not request.resize.vcpu_count:
+            key = "memory.hotplug"
+        else:
+            key = {"resize": "cpu.hotplug", "attach_disk": "storage.hotplug",
+                   "detach_disk": "storage.hotplug", "attach_nic": "network.hotplug",
+                   "detach_nic": "network.hotplug"}.get(change or "", "cpu.hotplug")
+        raise UnsupportedOperation(self.name, features.FEATURES_BY_KEY[key].title)
+
+    # ---- process and API plumbing ---------------------------------------------------
+
+    def _api(self, vm: VmDir) -> FirecrackerApi:
+        return FirecrackerApi(vm.api_socket)
+
+    def _record(self, vm: VmDir, ref: ProcessRef, **extra: object) -> None:
+        self.save_process(vm, ref, api_socket=str(vm.api_socket), **extra)
+
+    def _require_process(self, vm: VmDir) -> ProcessRef:
+        ref = self.live_process(vm)
+        if ref is None:
+            raise RuntimeFailure(f"the firecracker process of VM {vm.vm_id} is not running")
+        return ref
+
+    async def _start_process(self, vm: VmDir, desired: agent_pb2.DesiredVm) -> ProcessRef:
+        """A fresh Firecracker process for vm, configured from desired and not started."""
+        config = translate(desired.config)  # before anything changes on the host
+        leftover = self.load_process(vm)
+        if leftover is not None:  # e.g. from a create that was interrupted
+            await process.kill(leftover)
+        vm.create()
+        # Firecracker refuses to start over an existing socket file.
+        vm.api_socket.unlink(missing_ok=True)
+        # Older Firecracker releases only open existing log and metrics files.
+        vm.hypervisor_log.touch()
+        vm.metrics_file.touch()
+        ref = process.spawn(
+            [*self.command, "--api-sock", str(vm.api_socket), "--id", instance_id(vm.vm_id)],
+            vm.console_log, cwd=vm.path)
+        self._record(vm, ref)
+        self._samples.pop(vm.path, None)
+        try:
+            await self._wait_for_api(vm, ref)
+            async with self._api(vm) as api:
+                # Info level: Firecracker then logs every API request it serves, an audit
+                # trail of what the agent asked of it.
+                await api.put_logger(vm.hypervisor_log, level="Info")
+                await api.put_metrics(vm.metrics_file)
+                await api.put_machine_config(config.machine)
+                await api.put_boot_source(config.boot)
+                for drive in config.drives:
+                    await api.put_drive(drive)
+                for nic in config.nics:
+                    await api.put_network_interface(nic)
+        except BaseException:
+            # A half-configured process is of no use: leave nothing behind.
+            await process.kill(ref)
+            vm.api_socket.unlink(missing_ok=True)
+            vm.clear_runtime()
+            raise
+        log.info("firecracker_configured vm_id=%s pid=%d", vm.vm_id, ref.pid)
+        return ref
+
+    async def _wait_for_api(self, vm: VmDir, ref: ProcessRef) -> None:
+        deadline = time.monotonic() + self.settings.socket_timeout
+        try:
+            await process.wait_for_socket(vm.api_socket, ref, self.settings.socket_timeout)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeFailure(f"firecracker did not start for VM {vm.vm_id}: {e}"
+                                 f"{_console_excerpt(vm)}", "UNAVAILABLE") from e
+        # The socket file appears at bind(); answer only comes once the server listens.
+        while True:
+            try:
+                async with self._api(vm) as api:
+                    await api.instance_info()
+                return
+            except RuntimeFailure:
+                if time.monotonic() > deadline or not process.is_alive(ref):
+                    raise
+            await asyncio.sleep(0.005)
+
+    async def _ctrl_alt_del(self, vm: VmDir, ref: ProcessRef, wait_seconds: float) -> None:
+        """Ask the guest to stop; wait up to wait_seconds for Firecracker to exit with it."""
+        try:
+            async with self._api(vm) as api:
+                state = (await api.instance_info()).state
+                if state == InstanceState.NOT_STARTED:
+                    return  # no guest to ask
+                if state == InstanceState.PAUSED:
+                    await api.resume()  # a paused guest would never see the key press
+                await api.send_ctrl_alt_del()
+        except RuntimeFailure as e:
+            log.warning("ctrl_alt_del_failed vm_id=%s error=%s", vm.vm_id, e.message)
+            return
+        if not await process.wait_exit(ref, wait_seconds):
+            log.info("ctrl_alt_del_unanswered vm_id=%s waited_s=%s", vm.vm_id, wait_seconds)
+
+
+def _console_excerpt(vm: VmDir) -> str:
+    tail = console_tail(vm, lines=5)
+    return f"; console: {tail}" if tail else ""

@@ -1,0 +1,57 @@
+"""The simulated guest: what it prints on the serial console and how it reacts to Ctrl+Alt+Del.
+
+There is no CPU emulation. At InstanceStart the kernel image is checked the way
+Firecracker's ELF loader starts (the file must begin with the ELF magic), then
+the guest "boots" at once and prints, on the serial console (the process's
+stdout, or the file set by PUT /serial):
+
+    [    0.000000] Command line: <kernel command line as the guest sees it>
+    GUEST-READY
+
+SendCtrlAltDel reaches the guest through the emulated i8042 keyboard controller.
+A Linux kernel built with the i8042 driver answers it by rebooting, and
+Firecracker exits when its guest reboots. The simulator decides by the kernel
+image's bytes: an image containing `i8042` (as Debian's and Firecracker's guest
+kernels do) reboots; any other image (like the tiny assembly test guest)
+ignores the keystroke and keeps running.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import BinaryIO
+
+READY_MARKER = "GUEST-READY"
+REBOOT_LINE = "reboot: Restarting system"
+I8042_DRIVER = b"i8042"
+ELF_MAGIC = b"\x7fELF"
+ELF_HEADER_SIZE = 64
+
+KERNEL_LOAD_ERROR = ("Start microvm error: System configuration error: Cannot load kernel due "
+                     "to invalid memory configuration or invalid kernel image: Kernel Loader: "
+                     "failed to load ELF kernel image: Kernel Loader: ")
+
+
+def kernel_load_error(kernel: BinaryIO) -> str | None:
+    """The InstanceStart error for an image Firecracker's ELF loader refuses, else None."""
+    kernel.seek(0)
+    head = kernel.read(ELF_HEADER_SIZE)
+    if head[:4] == ELF_MAGIC:
+        return None
+    if len(head) < ELF_HEADER_SIZE:
+        return KERNEL_LOAD_ERROR + "Unable to read elf header"
+    return KERNEL_LOAD_ERROR + "Invalid Elf magic number"
+
+
+def reboots_on_ctrl_alt_del(kernel: BinaryIO) -> bool:
+    """True when the image carries the i8042 keyboard driver."""
+    try:
+        with mmap.mmap(kernel.fileno(), 0, access=mmap.ACCESS_READ) as image:
+            return image.find(I8042_DRIVER) >= 0
+    except (OSError, ValueError):  # empty or unmappable file
+        kernel.seek(0)
+        return I8042_DRIVER in kernel.read()
+
+
+def boot_lines(cmdline: str) -> list[str]:
+    return [f"[    0.000000] Command line: {cmdline}", READY_MARKER]
