@@ -132,6 +132,15 @@ def start_sim(api: Path, console: Path, *args: str,
                                  f"{console.read_text()}")
         assert time.monotonic() < deadline, "simulator did not create its API socket"
         time.sleep(0.005)
+    # Like Firecracker, the socket file appears at bind(), a moment before listen().
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(api))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "simulator never accepted connections"
+                time.sleep(0.002)
     return SimProcess(api, console, proc)
 
 

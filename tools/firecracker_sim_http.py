@@ -315,23 +315,15 @@ class ApiServer:
 
 
 def bind_unix(path: str) -> socket.socket:
-    """Listen on a Unix socket path; OSError if it cannot be bound.
-
-    The socket is bound under a temporary name and renamed into place once it
-    listens, so a client that sees the path can connect at once.
-    """
-    staging = f"{path}.{os.getpid()}.binding"
+    """Listen on a Unix socket path, as Firecracker does: bind, then listen; OSError if it
+    cannot be bound. (A client may see the path a moment before it accepts connections,
+    exactly as with the real binary.)"""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(staging)
+        sock.bind(path)
         sock.listen(64)
-        os.rename(staging, path)
     except OSError:
         sock.close()
-        try:
-            os.unlink(staging)
-        except OSError:
-            pass
         raise
     os.set_inheritable(sock.fileno(), False)
     return sock
