@@ -34,6 +34,8 @@ class AgentConfig:
     heartbeat_interval: float = 2.0
     shutdown_timeout: float = 10.0
     boot_timeout: float = 60.0
+    # QEMU acceleration: auto (KVM where the guest can boot under it, else TCG) | kvm | tcg.
+    qemu_accel: str = "auto"
     # Stop and remove every VM when the agent exits (for throwaway local setups only:
     # normally VMs outlive agent restarts and are adopted).
     stop_vms_on_exit: bool = False

@@ -23,7 +23,8 @@ def runtime_settings(config: AgentConfig) -> dict[str, RuntimeSettings]:
     return {
         backend: RuntimeSettings(
             binary=config.binary_for(backend) or None, force_simulator=config.force_simulator,
-            default_shutdown_timeout=config.shutdown_timeout, boot_timeout=config.boot_timeout)
+            default_shutdown_timeout=config.shutdown_timeout, boot_timeout=config.boot_timeout,
+            accel=config.qemu_accel)
         for backend in RUNTIME_CLASSES
     }
 

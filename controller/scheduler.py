@@ -118,6 +118,10 @@ def place(config: vm_pb2.VmConfig, hosts: list[HostView], backend: str = "",
         if any(f.ok for f in fits.values()):
             why.backend_violations.clear()
         return why
+    if not backend and any(not c[2].fit.warnings for c in candidates):
+        # Unless the caller named a backend, one that honours every field the config sets
+        # (max_vcpu_count for hotplug, say) wins over one that would ignore some.
+        candidates = [c for c in candidates if not c[2].fit.warnings]
     # Densest first; among equals a real hypervisor before a simulator, then the
     # preferred backend, then the stable host id.
     candidates.sort(key=lambda c: (-c[0], c[1], c[2].host.host_id))

@@ -665,6 +665,22 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
                                     update)
         return vm_pb2.DetachNetworkInterfaceResponse(success=True, state=state)
 
+    # ---- migration ------------------------------------------------------------------
+
+    @api_method
+    async def MigrateVm(self, request: vm_pb2.MigrateVmRequest,  # noqa: N802
+                        context: grpc.aio.ServicerContext) -> vm_pb2.MigrateVmResponse:
+        record = self._get(request.vm_id).record
+        if request.target_backend and request.target_backend != record.backend:
+            raise failed_precondition(
+                f"vm {record.vm_id} runs on {record.backend} and cannot be migrated to "
+                f"{request.target_backend}: VMs cannot be migrated between backends at runtime. "
+                "To switch backends, create a new VM with the desired backend, migrate the "
+                "application data, switch traffic to the new VM, then delete the old one")
+        raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
+                       f"live migration of vm {record.vm_id} between {record.backend} hosts is "
+                       "not supported yet")
+
     # ---- console --------------------------------------------------------------------
 
     def _session_for(self, vm_id: str) -> AgentSession:

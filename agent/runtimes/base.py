@@ -72,6 +72,8 @@ class RuntimeSettings:
     socket_timeout: float = 10.0
     # Seconds a guest may take to print its readiness marker (when it names one).
     boot_timeout: float = 60.0
+    # Acceleration for backends that can choose (QEMU): auto | kvm | tcg.
+    accel: str = "auto"
 
 
 class Runtime(ABC):

@@ -1394,6 +1394,56 @@ class DetachNetworkInterfaceResponse(_message.Message):
 Global___DetachNetworkInterfaceResponse: _TypeAlias = DetachNetworkInterfaceResponse  # noqa: Y015
 
 @_typing.final
+class MigrateVmRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    TARGET_BACKEND_FIELD_NUMBER: _builtins.int
+    TARGET_HOST_ID_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    target_backend: _builtins.str
+    """Empty keeps the VM's backend."""
+    target_host_id: _builtins.str
+    """Empty lets the scheduler choose."""
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+        target_backend: _builtins.str = ...,
+        target_host_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target_backend", b"target_backend", "target_host_id", b"target_host_id", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateVmRequest: _TypeAlias = MigrateVmRequest  # noqa: Y015
+
+@_typing.final
+class MigrateVmResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUCCESS_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    success: _builtins.bool
+    @_builtins.property
+    def placement(self) -> Global___Placement: ...
+    def __init__(
+        self,
+        *,
+        success: _builtins.bool = ...,
+        placement: Global___Placement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "success", b"success"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateVmResponse: _TypeAlias = MigrateVmResponse  # noqa: Y015
+
+@_typing.final
 class GetConsoleLogRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

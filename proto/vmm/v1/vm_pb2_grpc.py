@@ -109,6 +109,11 @@ class VmServiceStub:
                 request_serializer=vmm_dot_v1_dot_vm__pb2.DetachNetworkInterfaceRequest.SerializeToString,
                 response_deserializer=vmm_dot_v1_dot_vm__pb2.DetachNetworkInterfaceResponse.FromString,
                 _registered_method=True)
+        self.MigrateVm = channel.unary_unary(
+                '/vmm.v1.VmService/MigrateVm',
+                request_serializer=vmm_dot_v1_dot_vm__pb2.MigrateVmRequest.SerializeToString,
+                response_deserializer=vmm_dot_v1_dot_vm__pb2.MigrateVmResponse.FromString,
+                _registered_method=True)
         self.GetConsoleLog = channel.unary_unary(
                 '/vmm.v1.VmService/GetConsoleLog',
                 request_serializer=vmm_dot_v1_dot_vm__pb2.GetConsoleLogRequest.SerializeToString,
@@ -217,6 +222,14 @@ class VmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigrateVm(self, request, context):
+        """Moving a VM to another backend or host. Cross-backend moves are refused: create a
+        new VM on the other backend instead (see the support matrix's migration guide).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetConsoleLog(self, request, context):
         """The guest's serial console, relayed from the agent that runs the VM.
         """
@@ -307,6 +320,11 @@ def add_VmServiceServicer_to_server(servicer, server):
                     servicer.DetachNetworkInterface,
                     request_deserializer=vmm_dot_v1_dot_vm__pb2.DetachNetworkInterfaceRequest.FromString,
                     response_serializer=vmm_dot_v1_dot_vm__pb2.DetachNetworkInterfaceResponse.SerializeToString,
+            ),
+            'MigrateVm': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateVm,
+                    request_deserializer=vmm_dot_v1_dot_vm__pb2.MigrateVmRequest.FromString,
+                    response_serializer=vmm_dot_v1_dot_vm__pb2.MigrateVmResponse.SerializeToString,
             ),
             'GetConsoleLog': grpc.unary_unary_rpc_method_handler(
                     servicer.GetConsoleLog,
@@ -724,6 +742,33 @@ class VmService:
             '/vmm.v1.VmService/DetachNetworkInterface',
             vmm_dot_v1_dot_vm__pb2.DetachNetworkInterfaceRequest.SerializeToString,
             vmm_dot_v1_dot_vm__pb2.DetachNetworkInterfaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmm.v1.VmService/MigrateVm',
+            vmm_dot_v1_dot_vm__pb2.MigrateVmRequest.SerializeToString,
+            vmm_dot_v1_dot_vm__pb2.MigrateVmResponse.FromString,
             options,
             channel_credentials,
             insecure,
