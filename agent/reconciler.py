@@ -13,7 +13,13 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from agent.runtimes.base import Runtime, RuntimeFailure, RuntimeSettings, console_tail
+from agent.runtimes.base import (
+    GuestNotReady,
+    Runtime,
+    RuntimeFailure,
+    RuntimeSettings,
+    console_tail,
+)
 from agent.vm_dir import StateDir, VmDir
 from vmm.agent.v1 import agent_pb2
 from vmm.v1 import vm_pb2
@@ -121,8 +127,13 @@ class Reconciler:
                     error_code="FAILED_PRECONDITION"))
                 return
             error, code = "", ""
+            not_ready = False
             try:
                 await self._converge(runtime, vm, desired)
+            except GuestNotReady as exc:
+                error, code, not_ready = exc.message, exc.code, True
+                with contextlib.suppress(Exception):  # free what the hung guest holds
+                    await runtime.shutdown(vm, True, 0)
             except RuntimeFailure as exc:
                 error, code = exc.message, exc.code
             except Exception as exc:  # a bug or an OS error: report it, do not kill the agent
@@ -131,7 +142,10 @@ class Reconciler:
             stopped = not error and desired.power_state == S.VM_STATE_SHUTDOWN
             status = await self._observe(vm, desired, stopped_on_request=stopped)
             status.error, status.error_code = error, code
-            if error and not status.reason:
+            if not_ready:
+                status.state = S.VM_STATE_FAILED
+                status.reason = error
+            elif error and not status.reason:
                 status.reason = error
             self._publish(vm, status)
 

@@ -310,7 +310,10 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
             raise not_found(vm_id)
         status = result.record.status
         if status.error and status.observed_generation == written.record.generation:
-            await self._roll_back(vm_id, written.record.generation, before)
+            if status.state != S.VM_STATE_FAILED:
+                # Make desired match what runs again; a FAILED VM keeps its failed
+                # generation, which the agent leaves alone until the next request.
+                await self._roll_back(vm_id, written.record.generation, before)
             raise ApiError(code_from_name(status.error_code or "FAILED_PRECONDITION"),
                            f"{verb} vm {vm_id} failed: {status.error}")
         return status.state

@@ -35,6 +35,11 @@ class HypervisorApiError(RuntimeFailure):
     """The hypervisor's API refused a request; message carries its own error text verbatim."""
 
 
+class GuestNotReady(RuntimeFailure):
+    """The guest never printed its readiness marker (or its hypervisor died first).
+    The VM is failed: the agent stops it and reports the message, console tail included."""
+
+
 class UnsupportedOperation(RuntimeFailure):
     """The backend cannot do this at all (e.g. CPU hotplug on Firecracker)."""
 

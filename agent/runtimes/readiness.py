@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 
-from agent.runtimes.base import RuntimeFailure, console_tail
+from agent.runtimes.base import GuestNotReady, console_tail
 from agent.vm_dir import VmDir
 
 READY_MARKER_OPTION = "ready_marker"
@@ -39,8 +39,8 @@ async def wait_for_console_marker(vm: VmDir, marker: str, timeout: float,  # noq
                                   alive: Callable[[], bool] | None = None) -> None:
     """Return once marker appears in the console log after since_offset.
 
-    Raises RuntimeFailure (DEADLINE_EXCEEDED) with the console tail when timeout
-    seconds pass first, and at once (FAILED_PRECONDITION) when `alive` says the
+    Raises GuestNotReady (DEADLINE_EXCEEDED) with the console tail when timeout
+    seconds pass first, and at once (GuestNotReady, FAILED_PRECONDITION) when `alive` says the
     hypervisor process has gone.
     """
     needle = marker.encode()
@@ -58,11 +58,11 @@ async def wait_for_console_marker(vm: VmDir, marker: str, timeout: float,  # noq
             # The process may have written the marker just before it exited.
             if needle in carry + _read_from(vm, offset):
                 return
-            raise RuntimeFailure(
+            raise GuestNotReady(
                 f"VM {vm.vm_id} stopped before its guest printed {marker!r}"
                 f"{_tail_suffix(vm)}")
         if time.monotonic() >= deadline:
-            raise RuntimeFailure(
+            raise GuestNotReady(
                 f"VM {vm.vm_id}: the guest did not print {marker!r} within {timeout:g}s"
                 f"{_tail_suffix(vm)}", "DEADLINE_EXCEEDED")
         await asyncio.sleep(_POLL_SECONDS)
