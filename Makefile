@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := etcd-server qemu-system-x86 busybox-static lz4 cpio gcc binutils libc6-dev nodejs npm
+DEBS := etcd-server qemu-system-x86 busybox-static lz4 cpio gcc binutils libc6-dev nodejs npm \
+	python3-venv
 GUEST_DIR := var/guests
 
 .PHONY: run test bench proto proto-check lint buf-lint guest deps venv clean
@@ -11,7 +12,7 @@ GUEST_DIR := var/guests
 run: deps venv guest
 	$(PY) -m tools.local_run
 
-test: deps venv guest
+test: deps venv guest buf-lint
 	$(PY) -m pytest -q
 
 bench: deps venv guest
@@ -33,8 +34,9 @@ lint: venv buf-lint
 buf-lint: node_modules/.bin/buf
 	node_modules/.bin/buf lint proto
 
-node_modules/.bin/buf:
-	npm install --no-audit --no-fund --silent @bufbuild/buf@1
+node_modules/.bin/buf: package.json
+	npm ci --no-audit --no-fund --silent
+	touch $@
 
 # System packages, installed only when one is missing (a fresh Debian machine as root).
 deps:

@@ -42,7 +42,7 @@ def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
     """Start argv detached from the agent, stdout and stderr appended to console_log."""
     console_log.parent.mkdir(parents=True, exist_ok=True)
     with open(console_log, "ab", buffering=0) as out:
-        proc = subprocess.Popen(  # noqa: S603 - argv is built by the runtime, not a shell
+        proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=out,

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 
 import grpc
 import psutil
@@ -120,7 +121,10 @@ class ControllerSession:
                 return
             task = asyncio.create_task(self._serve(request, outbound))
             self._requests[request.request_id] = task
-            task.add_done_callback(lambda _t, rid=request.request_id: self._requests.pop(rid, None))
+            task.add_done_callback(partial(self._forget_request, request.request_id))
+
+    def _forget_request(self, request_id: str, _task: object) -> None:
+        self._requests.pop(request_id, None)
 
     async def _serve(self, request: agent_pb2.Request,
                      outbound: asyncio.Queue[agent_pb2.ConnectRequest]) -> None:

@@ -148,7 +148,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
 
     # ---- the stream -----------------------------------------------------------------
 
-    async def Connect(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]  # noqa: N802
+    async def Connect(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         first = await context.read()
         if first is grpc.aio.EOF or not first.HasField("register"):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,

@@ -36,10 +36,9 @@ class ApiError(Exception):
         status = status_pb2.Status(code=self.code.value[0], message=self.message)
         if self.violations:
             detail = any_pb2.Any()
+            violation = error_details_pb2.BadRequest.FieldViolation
             detail.Pack(error_details_pb2.BadRequest(field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in self.violations
-            ]))
+                violation(field=v.field, description=v.description) for v in self.violations]))
             status.details.append(detail)
         return rpc_status.to_status(status)
 

@@ -31,6 +31,7 @@ import grpc.aio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
 from tenacity.stop import stop_base
 from tenacity.wait import wait_exponential_jitter
+
 from vmm.etcd import election_pb2, election_pb2_grpc, kv_pb2, rpc_pb2, rpc_pb2_grpc
 
 log = logging.getLogger(__name__)

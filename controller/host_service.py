@@ -16,12 +16,12 @@ class HostService(host_pb2_grpc.HostServiceServicer):
         self.fleet = fleet
 
     @api_method
-    async def ListHosts(self, request: host_pb2.ListHostsRequest,  # noqa: N802
+    async def ListHosts(self, request: host_pb2.ListHostsRequest,
                         context: grpc.aio.ServicerContext) -> host_pb2.ListHostsResponse:
         return host_pb2.ListHostsResponse(hosts=await self.fleet.hosts())
 
     @api_method
-    async def GetHost(self, request: host_pb2.GetHostRequest,  # noqa: N802
+    async def GetHost(self, request: host_pb2.GetHostRequest,
                       context: grpc.aio.ServicerContext) -> host_pb2.GetHostResponse:
         if not request.host_id:
             raise invalid_field("host_id", "is required")
@@ -31,7 +31,7 @@ class HostService(host_pb2_grpc.HostServiceServicer):
         raise ApiError(grpc.StatusCode.NOT_FOUND, f"host {request.host_id!r} not found")
 
     @api_method
-    async def GetBackendCapabilities(  # noqa: N802
+    async def GetBackendCapabilities(
         self, request: host_pb2.GetBackendCapabilitiesRequest, context: grpc.aio.ServicerContext
     ) -> host_pb2.GetBackendCapabilitiesResponse:
         if request.backend and request.backend not in features.BACKENDS:

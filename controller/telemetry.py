@@ -61,7 +61,8 @@ class Telemetry:
             "vmm.placement.conflicts", unit="{retry}",
             description="placement commits retried because a host's allocation changed")
 
-    def vm_state_changed(self, old: int, new: int) -> None:
+    def vm_state_changed(self, old: vm_pb2.VmState.ValueType,
+                         new: vm_pb2.VmState.ValueType) -> None:
         if old:
             self.vms_by_state.add(-1, {"state": vm_pb2.VmState.Name(old)})
         if new:

@@ -7,6 +7,7 @@ no backend is special-cased here.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from controller.errors import Violation
@@ -88,22 +89,24 @@ def check_config(config: vm_pb2.VmConfig, prefix: str = "config") -> list[Violat
     return out
 
 
-def check_storage(disks: list[vm_pb2.StorageDevice] | object, prefix: str) -> list[Violation]:
+def check_storage(disks: Iterable[vm_pb2.StorageDevice], prefix: str) -> list[Violation]:
     out: list[Violation] = []
     seen: dict[str, int] = {}
     roots: list[int] = []
-    for i, disk in enumerate(disks):  # type: ignore[call-overload]
+    for i, disk in enumerate(disks):
         out.extend(check_disk(disk, f"{prefix}[{i}]"))
         if disk.id:
             if disk.id in seen:
+                first = f"{prefix}[{seen[disk.id]}]"
                 out.append(Violation(f"{prefix}[{i}].id",
-                                     f"duplicate storage id {disk.id!r} (also {prefix}[{seen[disk.id]}])"))
+                                     f"duplicate storage id {disk.id!r} (also {first})"))
             seen.setdefault(disk.id, i)
         if disk.is_root_device:
             roots.append(i)
     if len(roots) > 1:
-        out.append(Violation(f"{prefix}[{roots[1]}].is_root_device",
-                             f"only one root device is allowed; {prefix}[{roots[0]}] is already root"))
+        out.append(Violation(
+            f"{prefix}[{roots[1]}].is_root_device",
+            f"only one root device is allowed; {prefix}[{roots[0]}] is already root"))
     return out
 
 
@@ -118,15 +121,16 @@ def check_disk(disk: vm_pb2.StorageDevice, prefix: str) -> list[Violation]:
     return out
 
 
-def check_network(nics: list[vm_pb2.NetworkInterface] | object, prefix: str) -> list[Violation]:
+def check_network(nics: Iterable[vm_pb2.NetworkInterface], prefix: str) -> list[Violation]:
     out: list[Violation] = []
     seen: dict[str, int] = {}
-    for i, nic in enumerate(nics):  # type: ignore[call-overload]
+    for i, nic in enumerate(nics):
         out.extend(check_nic(nic, f"{prefix}[{i}]"))
         if nic.id:
             if nic.id in seen:
+                first = f"{prefix}[{seen[nic.id]}]"
                 out.append(Violation(f"{prefix}[{i}].id",
-                                     f"duplicate network id {nic.id!r} (also {prefix}[{seen[nic.id]}])"))
+                                     f"duplicate network id {nic.id!r} (also {first})"))
             seen.setdefault(nic.id, i)
     return out
 

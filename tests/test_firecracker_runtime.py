@@ -22,9 +22,6 @@ from typing import Any
 
 import psutil
 import pytest
-from vmm import features
-from vmm.agent.v1 import agent_pb2
-from vmm.v1 import host_pb2, vm_pb2
 
 from agent import process
 from agent.hypervisors.firecracker_api import FirecrackerApi
@@ -45,6 +42,9 @@ from agent.runtimes.firecracker import (
 from agent.runtimes.readiness import READY_MARKER_OPTION
 from agent.vm_dir import StateDir, VmDir
 from tools.guest_images import GuestBuildError, TinyGuest, tiny_guest
+from vmm import features
+from vmm.agent.v1 import agent_pb2
+from vmm.v1 import host_pb2, vm_pb2
 
 MIB = 1024 * 1024
 # Seconds the guest gets to answer Ctrl+Alt+Del. The tiny guest never does, so

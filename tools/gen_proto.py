@@ -75,11 +75,11 @@ def main() -> int:
                 return 1
             print(f"{len(fresh)} generated protobuf modules are fresh")
             return 0
-        for stale in generated_files(PROTO_ROOT) - fresh:
-            (PROTO_ROOT / stale).unlink()
-        for p in fresh:
-            (PROTO_ROOT / p).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out / p, PROTO_ROOT / p)
+        for old in generated_files(PROTO_ROOT) - fresh:
+            (PROTO_ROOT / old).unlink()
+        for path in fresh:
+            (PROTO_ROOT / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / path, PROTO_ROOT / path)
         print(f"wrote {len(fresh)} generated protobuf modules under {PROTO_ROOT}")
         return 0
 

@@ -30,9 +30,9 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rich.text import Text
-from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
 
 from tools import vmmctl_render as render
+from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
 
 EXIT_SERVER_ERROR = 1
 EXIT_USAGE = 2
@@ -63,11 +63,11 @@ class StateName(StrEnum):
     failed = "failed"
     unknown = "unknown"
 
-    def to_proto(self) -> vm_pb2.VmState:
+    def to_proto(self) -> vm_pb2.VmState.ValueType:
         return _STATE_VALUES[self]
 
 
-_STATE_VALUES: dict[StateName, vm_pb2.VmState] = {
+_STATE_VALUES: dict[StateName, vm_pb2.VmState.ValueType] = {
     StateName.created: vm_pb2.VM_STATE_CREATED,
     StateName.running: vm_pb2.VM_STATE_RUNNING,
     StateName.paused: vm_pb2.VM_STATE_PAUSED,

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
+
 from vmm.v1 import host_pb2, vm_pb2
 
 # Tables written to a pipe or file keep one row per line up to this width.

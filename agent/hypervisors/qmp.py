@@ -116,7 +116,7 @@ class QmpClient:
         self._fail_pending("QMP connection closed")
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                      timeout: float | None = None) -> Any:  # noqa: ASYNC109
+                      timeout: float | None = None) -> Any:
         """Run one command; its "return" value, or QmpError."""
         if self._writer is None or self._closed_reason is not None:
             raise RuntimeFailure(f"QMP {command}: {self._closed_reason or 'not connected'}",
@@ -152,7 +152,7 @@ class QmpClient:
             if isinstance(e, QmpError):
                 raise
 
-    async def wait_event(self, name: str, timeout: float) -> QmpEvent:  # noqa: ASYNC109
+    async def wait_event(self, name: str, timeout: float) -> QmpEvent:
         """The next event called name (earlier events of other names are dropped)."""
         async with asyncio.timeout(timeout):
             while True:

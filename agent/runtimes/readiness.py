@@ -34,7 +34,7 @@ def console_offset(vm: VmDir) -> int:
         return 0
 
 
-async def wait_for_console_marker(vm: VmDir, marker: str, timeout: float,  # noqa: ASYNC109
+async def wait_for_console_marker(vm: VmDir, marker: str, timeout: float,
                                   since_offset: int = 0,
                                   alive: Callable[[], bool] | None = None) -> None:
     """Return once marker appears in the console log after since_offset.

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from controller.etcd_client import EtcdClient
-
 from tools.etcd_server import EtcdCluster, EtcdServer, find_etcd
 
 ETCD_MISSING = "needs an etcd binary on PATH or in $ETCD_BINARY (Debian package etcd-server)"
