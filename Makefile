@@ -3,8 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := etcd-server qemu-system-x86 busybox-static lz4 cpio gcc binutils libc6-dev nodejs npm \
-	python3-venv
+DEBS := etcd-server qemu-system-x86 busybox-static lz4 cpio gcc binutils libc6-dev python3-venv
 GUEST_DIR := var/guests
 
 .PHONY: run test bench proto proto-check lint buf-lint guest deps venv clean
@@ -38,10 +37,12 @@ node_modules/.bin/buf: package.json
 	npm ci --no-audit --no-fund --silent
 	touch $@
 
-# System packages, installed only when one is missing (a fresh Debian machine as root).
+# System packages, installed only when missing (a fresh Debian machine as root). Node.js
+# may come from elsewhere than Debian: only its commands are required.
 deps:
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
+	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
+	if [ -n "$$(echo $$missing)" ]; then \
 	  echo "installing:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
