@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEBS := etcd-server qemu-system-x86 busybox-static lz4 cpio gcc binutils libc6-dev python3-venv
 GUEST_DIR := var/guests
 
-.PHONY: run test bench proto proto-check lint buf-lint guest deps venv clean
+.PHONY: run test bench proto proto-check docs lint buf-lint guest deps venv clean
 
 run: deps venv guest
 	$(PY) -m tools.local_run
@@ -22,6 +22,10 @@ proto: venv
 
 proto-check: venv
 	$(PY) -m tools.gen_proto --check
+
+# docs/backends.md, the support matrix generated from the runtimes' capability data.
+docs: venv
+	$(PY) -m tools.gen_backend_docs
 
 guest: venv
 	$(PY) -m tools.guest_images --cache $(GUEST_DIR)

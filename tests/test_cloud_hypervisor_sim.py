@@ -57,7 +57,14 @@ class Sim:
             assert self.proc.poll() is None, self.stdout.read_text()
             assert time.monotonic() < deadline, "the simulator did not create its socket"
             await asyncio.sleep(0.01)
-        return self
+        # The socket file appears at bind(), a moment before the server listens.
+        while True:
+            try:
+                await self.client.get("/api/v1/vmm.ping")
+                return self
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "the simulator never accepted connections"
+                await asyncio.sleep(0.005)
 
     async def call(self, method: str, route: str, body: Any = None,
                    raw: bytes | None = None) -> httpx.Response:

@@ -1227,12 +1227,9 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.exit_requested = threading.Event()
         self.started = time.monotonic()
         self._log = open(log_file, "a", buffering=1) if log_file else None
-        # Bind and listen on a temporary name, then rename: a client that sees the
-        # socket path can always connect.
-        temporary = socket_path.with_name(f".{socket_path.name}.{os.getpid()}")
-        temporary.unlink(missing_ok=True)
-        super().__init__(str(temporary), ApiRequestHandler)
-        os.replace(temporary, socket_path)
+        # Bound in place, as Cloud Hypervisor does: a client may see the path a moment
+        # before the server listens, and must retry a refused connection.
+        super().__init__(str(socket_path), ApiRequestHandler)
         self.vmm = vmm_factory(self)
 
     def request_exit(self) -> None:
