@@ -44,7 +44,7 @@ class VmDir:
     def api_socket(self) -> Path:
         # Unix socket paths are limited to 107 bytes, and a VM dir under a deep state dir
         # with a 63-character id can exceed that: sockets live in a short sibling dir.
-        digest = hashlib.sha256(self.vm_id.encode()).hexdigest()[:20]
+        digest = hashlib.sha256(self.vm_id.encode()).hexdigest()[:16]
         return self.path.parent.parent / "sockets" / f"{digest}.sock"
 
     @property
@@ -120,10 +120,18 @@ class VmDir:
         self.runtime_file.unlink(missing_ok=True)
 
 
+# sockaddr_un's sun_path is 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH = 107
+
+
 class StateDir:
     """The agent's root state directory."""
 
     def __init__(self, root: Path) -> None:
+        longest = len(str(VmDir(root / "vms" / "x").api_socket))
+        if longest > MAX_SOCKET_PATH:
+            raise ValueError(f"state dir {root} is too long: its API socket paths would be "
+                             f"{longest} bytes, over the {MAX_SOCKET_PATH} a Unix socket allows")
         self.root = root
         self.vms_root = root / "vms"
         self.vms_root.mkdir(parents=True, exist_ok=True)
