@@ -23,6 +23,11 @@ class ControllerConfig:
     operation_timeout: float = 30.0
     # Seconds a disconnected agent's host lease lives.
     host_lease_ttl: int = 10
+    # A VM deleted while its host is away is forgotten after this many seconds (the
+    # agent removes it when it returns).
+    forget_deleted_after: float = 60.0
+    # Name of this replica in the leader election; empty means hostname:listen.
+    identity: str = ""
     # Hotplug-ready VMs reserve their maximum vCPUs and memory on the host.
     reserve_hotplug_maximum: bool = True
     backend_preference: list[str] = field(

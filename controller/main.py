@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +18,7 @@ from controller.config import ControllerConfig
 from controller.etcd_client import EtcdClient, EtcdUnavailable
 from controller.fleet import Fleet
 from controller.health_http import HealthEndpoint
+from controller.leader import Leadership
 from controller.host_service import HostService
 from controller.logs import setup_logging
 from controller.store import Store
@@ -49,6 +51,9 @@ class Controller:
                                  operation_timeout=config.operation_timeout,
                                  reserve_hotplug_maximum=config.reserve_hotplug_maximum,
                                  backend_preference=tuple(config.backend_preference)))
+        self.leadership = Leadership(
+            self.store, self.fleet, config.identity or f"{socket.gethostname()}:{config.listen}",
+            forget_after=config.forget_deleted_after)
         self.health = health.aio.HealthServicer()
         self.http = HealthEndpoint(self.etcd.status, self._backends)
         self.server = grpc.aio.server(
@@ -80,6 +85,7 @@ class Controller:
         if self.config.http_listen:
             await self.http.start(self.config.http_listen)
         self._alive_task = asyncio.create_task(self._watch_etcd_health())
+        self.leadership.start()
         log.info("controller listening on %s (etcd %s)", self.config.listen,
                  ",".join(self.config.etcd_endpoints))
         return port
@@ -105,6 +111,7 @@ class Controller:
     async def stop(self) -> None:
         if self._alive_task:
             self._alive_task.cancel()
+        await self.leadership.stop()
         await self.server.stop(grace=2.0)
         await self.http.stop()
         await self.hub.stop()

@@ -50,9 +50,11 @@ class Process:
         return self.proc.pid
 
     def signal(self, sig: int) -> None:
+        """Send sig; for SIGSTOP return at once, otherwise wait for the process to end."""
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
-            self.proc.wait(30)
+            if sig != signal.SIGSTOP:
+                self.proc.wait(30)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -79,14 +81,29 @@ class Cluster:
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.operation_timeout = operation_timeout
-        self.controller = Process("controller", [
-            sys.executable, "-m", "controller.main", "--listen", self.address,
-            "--http-listen", f"127.0.0.1:{self.http_port}",
-            "--etcd-endpoints", "", "--operation-timeout", str(operation_timeout),
-            "--host-lease-ttl", "3", "--log-level", "debug"],
-            workdir / "controller.log", self.env)
+        self.controller = self._controller_process("controller", self.address,
+                                                   [f"--http-listen=127.0.0.1:{self.http_port}"])
         self.agents: dict[str, Process] = {}
+        self.replicas: list[Process] = []
         self.channel: grpc.Channel | None = None
+
+    def _controller_process(self, name: str, address: str, extra: list[str]) -> Process:
+        return Process(name, [
+            sys.executable, "-m", "controller.main", "--listen", address,
+            "--etcd-endpoints", self.etcd.endpoint,
+            "--operation-timeout", str(self.operation_timeout), "--host-lease-ttl", "3",
+            "--identity", name, "--log-level", "debug", *extra],
+            self.workdir / f"{name}.log", self.env)
+
+    def add_controller(self, name: str, extra: list[str] | None = None) -> tuple[Process, str]:
+        """Another controller replica on the same etcd (no HTTP health port)."""
+        address = f"127.0.0.1:{free_loopback_port()}"
+        replica = self._controller_process(name, address, ["--http-listen=", *(extra or [])])
+        replica.start()
+        self.replicas.append(replica)
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=20)
+        return replica, address
 
     @property
     def vms(self) -> vm_pb2_grpc.VmServiceStub:
@@ -100,8 +117,6 @@ class Cluster:
 
     def start(self) -> None:
         self.etcd.start()
-        self.controller.argv[self.controller.argv.index("--etcd-endpoints") + 1] = \
-            self.etcd.endpoint
         self.start_controller()
         self.channel = grpc.insecure_channel(self.address)
         grpc.channel_ready_future(self.channel).result(timeout=20)
@@ -113,12 +128,20 @@ class Cluster:
         self.controller.stop()
         self.controller.start()
 
+    def restart_controller_with(self, extra: list[str]) -> None:
+        """Restart the controller with more flags (later flags win)."""
+        self.controller.stop()
+        self.controller.argv += extra
+        self.controller.start()
+        assert self.channel is not None
+        grpc.channel_ready_future(self.channel).result(timeout=20)
+
     def add_agent(self, host_id: str, vcpus: int = 8, memory: int = 16 * GIB,
                   backends: str = "firecracker", extra: list[str] | None = None,
-                  env: dict[str, str] | None = None) -> Process:
+                  env: dict[str, str] | None = None, controller: str = "") -> Process:
         state = self.workdir / f"agent-{host_id}"
         agent = Process(f"agent-{host_id}", [
-            sys.executable, "-m", "agent.main", "--controller", self.address,
+            sys.executable, "-m", "agent.main", "--controller", controller or self.address,
             "--host-id", host_id, "--state-dir", str(state), "--backends", backends,
             "--vcpus", str(vcpus), "--memory-bytes", str(memory),
             "--cpu-overcommit-ratio", "1.0", "--memory-overcommit-ratio", "1.0",
@@ -143,8 +166,8 @@ class Cluster:
         return result
 
     def logs(self) -> str:
-        parts = [f"--- {p.name} ---\n{p.log_tail()}" for p in [self.controller,
-                                                            *self.agents.values()]]
+        parts = [f"--- {p.name} ---\n{p.log_tail()}"
+                 for p in [self.controller, *self.replicas, *self.agents.values()]]
         return "\n".join(parts)
 
     def close(self) -> None:
@@ -152,6 +175,8 @@ class Cluster:
             self.channel.close()
         for agent in self.agents.values():
             agent.stop()
+        for replica in self.replicas:
+            replica.stop()
         self.controller.stop()
         self.etcd.close()
         kill_leftover_hypervisors(self.workdir)
