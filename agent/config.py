@@ -32,6 +32,12 @@ class AgentConfig:
     cpu_overcommit_ratio: float = 4.0
     memory_overcommit_ratio: float = 1.0
     heartbeat_interval: float = 2.0
+    # Bearer token for the controller, and TLS: the CA that signed the controller's
+    # certificate, and this agent's own certificate and key for mutual TLS.
+    token: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     shutdown_timeout: float = 10.0
     boot_timeout: float = 60.0
     # QEMU acceleration: auto (KVM where the guest can boot under it, else TCG) | kvm | tcg.

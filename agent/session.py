@@ -14,6 +14,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from functools import partial
+from pathlib import Path
 
 import grpc
 import psutil
@@ -79,12 +80,11 @@ class ControllerSession:
             while True:
                 yield await outbound.get()
 
-        async with grpc.aio.insecure_channel(
-                self.config.controller,
-                options=[("grpc.keepalive_time_ms", 10_000),
-                         ("grpc.keepalive_permit_without_calls", 1)]) as channel:
+        async with self._channel() as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
-            call = stub.Connect(requests())
+            metadata = (("authorization", f"Bearer {self.config.token}"),) \
+                if self.config.token else None
+            call = stub.Connect(requests(), metadata=metadata)
             self._outbound = outbound
             heartbeat = asyncio.create_task(self._heartbeat(outbound))
             try:
@@ -102,6 +102,17 @@ class ControllerSession:
                     task.cancel()
                 self._requests.clear()
         raise StreamBroken("the controller closed the stream")
+
+    def _channel(self) -> grpc.aio.Channel:
+        cfg = self.config
+        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_permit_without_calls", 1)]
+        if not (cfg.tls_ca_file or cfg.tls_cert_file):
+            return grpc.aio.insecure_channel(cfg.controller, options=options)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(cfg.tls_ca_file).read_bytes() if cfg.tls_ca_file else None,
+            private_key=Path(cfg.tls_key_file).read_bytes() if cfg.tls_key_file else None,
+            certificate_chain=Path(cfg.tls_cert_file).read_bytes() if cfg.tls_cert_file else None)
+        return grpc.aio.secure_channel(cfg.controller, credentials, options=options)
 
     def _handle(self, message: agent_pb2.ConnectResponse,
                 outbound: asyncio.Queue[agent_pb2.ConnectRequest]) -> None:

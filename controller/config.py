@@ -32,6 +32,13 @@ class ControllerConfig:
     reserve_hotplug_maximum: bool = True
     backend_preference: list[str] = field(
         default_factory=lambda: ["firecracker", "cloud-hypervisor", "qemu"])
+    # Bearer tokens callers (and agents) must present; empty lists and file disable the check.
+    auth_tokens: list[str] = field(default_factory=list)
+    auth_tokens_file: str = ""
+    # TLS on the gRPC port when a certificate is given; with a client CA, mutual TLS.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
     # OpenTelemetry exporter: none | console | otlp.
     telemetry_exporter: str = "none"
     log_level: str = "info"

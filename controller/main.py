@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controller import config as config_module
 from controller.agent_hub import AgentHub
+from controller.auth import TokenInterceptor, load_tokens, server_credentials
 from controller.config import ControllerConfig
 from controller.etcd_client import EtcdClient, EtcdUnavailable
 from controller.fleet import Fleet
@@ -56,8 +57,13 @@ class Controller:
             forget_after=config.forget_deleted_after)
         self.health = health.aio.HealthServicer()
         self.http = HealthEndpoint(self.etcd.status, self._backends)
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            TracingInterceptor(self.telemetry.tracer)]
+        tokens = load_tokens(config.auth_tokens, config.auth_tokens_file)
+        if tokens:
+            interceptors.insert(0, TokenInterceptor(tokens))
         self.server = grpc.aio.server(
-            interceptors=[TracingInterceptor(self.telemetry.tracer)],
+            interceptors=interceptors,
             options=[("grpc.keepalive_time_ms", 10_000),
                      ("grpc.keepalive_permit_without_calls", 1),
                      ("grpc.http2.min_ping_interval_without_data_ms", 5_000)])
@@ -78,7 +84,12 @@ class Controller:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
-        port = self.server.add_insecure_port(self.config.listen)
+        if self.config.tls_cert_file:
+            port = self.server.add_secure_port(self.config.listen, server_credentials(
+                self.config.tls_cert_file, self.config.tls_key_file,
+                self.config.tls_client_ca_file))
+        else:
+            port = self.server.add_insecure_port(self.config.listen)
         await self.server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
