@@ -146,7 +146,9 @@ def check_nic(nic: vm_pb2.NetworkInterface, prefix: str) -> list[Violation]:
         elif int(nic.mac_address[:2], 16) & 1:
             out.append(Violation(f"{prefix}.mac_address",
                                  f"{nic.mac_address!r} is a multicast address; a NIC needs a unicast one"))
-    if nic.interface_type.lower() not in features.VHOST_USER_TYPES and not nic.tap_device:
+    # vhost-user and SR-IOV (VFIO) interfaces have no TAP device on the host.
+    kind = nic.interface_type.lower()
+    if kind not in features.VHOST_USER_TYPES | features.SRIOV_TYPES and not nic.tap_device:
         out.append(Violation(f"{prefix}.tap_device", "is required"))
     elif len(nic.tap_device) > 15:
         out.append(Violation(f"{prefix}.tap_device",

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real control plane, and the spec's example configs with paths in a temp dir."""
+"""Shared fixtures: a real control plane, and the spec's example configs."""
 
 from __future__ import annotations
 

@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-from controller.etcd_client import EtcdClient
+from tests.support.api import bad_fields, etcd_revision
 from tools.cluster import Cluster
 from vmm.v1 import vm_pb2
-
-
-def etcd_revision(cluster: Cluster) -> int:
-    async def read() -> int:
-        async with EtcdClient([cluster.etcd.endpoint]) as client:
-            return (await client.status()).revision
-
-    return asyncio.run(read())
-
-
-def bad_fields(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    fields: list[str] = []
-    for detail in status.details if status else []:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields += [v.field for v in bad.field_violations]
-    return fields
 
 
 def mutate(base: vm_pb2.VmConfig, change: Callable[[vm_pb2.VmConfig], object]) -> vm_pb2.VmConfig:

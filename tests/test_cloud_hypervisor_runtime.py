@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vmm import features
-from vmm.agent.v1 import agent_pb2
-from vmm.v1 import host_pb2, vm_pb2
 
 from agent import process
 from agent.hypervisors.cloud_hypervisor_api import (
@@ -38,6 +35,9 @@ from agent.runtimes.cloud_hypervisor import (
 )
 from agent.runtimes.readiness import READY_MARKER_OPTION
 from agent.vm_dir import StateDir, VmDir
+from vmm import features
+from vmm.agent.v1 import agent_pb2
+from vmm.v1 import host_pb2, vm_pb2
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from vmm.v1 import vm_pb2
 
 from agent.runtimes.qemu_accel import Accel, AccelChoice, hardware_virtualization, is_linux_kernel
 from agent.runtimes.qemu_launch import (
@@ -20,6 +19,7 @@ from agent.runtimes.qemu_launch import (
     parse_cpu_list,
 )
 from agent.vm_dir import VmDir
+from vmm.v1 import vm_pb2
 
 MIB = 1024 * 1024
 KVM = AccelChoice(Accel.KVM, "host", "test")

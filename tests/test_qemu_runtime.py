@@ -16,9 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from vmm import features
-from vmm.agent.v1 import agent_pb2
-from vmm.v1 import vm_pb2
 
 from agent import process
 from agent.hypervisors.qmp import QmpClient, QmpError
@@ -41,6 +38,9 @@ from tools.guest_images import (
     linux_guest,
     tiny_guest,
 )
+from vmm import features
+from vmm.agent.v1 import agent_pb2
+from vmm.v1 import vm_pb2
 
 pytestmark = pytest.mark.qemu
 
@@ -140,7 +140,7 @@ def heartbeats(vm: VmDir) -> list[str]:
     return [line for line in console(vm).splitlines() if line.startswith(LINUX_GUEST_HEARTBEAT)]
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:  # noqa: ASYNC109
+async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
