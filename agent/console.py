@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from agent.runtimes.base import RuntimeFailure
 from agent.vm_dir import StateDir
@@ -17,7 +18,7 @@ class ConsoleRelay:
     def __init__(self, state: StateDir) -> None:
         self.state = state
 
-    def _path(self, vm_id: str):  # type: ignore[no-untyped-def]
+    def _path(self, vm_id: str) -> Path:
         vm = self.state.vm(vm_id)
         if not vm.exists():
             raise RuntimeFailure(f"vm {vm_id} is not on this host", "NOT_FOUND")
@@ -59,9 +60,13 @@ class ConsoleRelay:
             if size < offset:  # the log was replaced
                 offset = 0
             if size > offset:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    chunk = f.read(size - offset)
+                chunk = await asyncio.to_thread(_read_range, path, offset, size - offset)
                 offset += len(chunk)
                 yield chunk
             await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)

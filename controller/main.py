@@ -19,8 +19,8 @@ from controller.config import ControllerConfig
 from controller.etcd_client import EtcdClient, EtcdUnavailable
 from controller.fleet import Fleet
 from controller.health_http import HealthEndpoint
-from controller.leader import Leadership
 from controller.host_service import HostService
+from controller.leader import Leadership
 from controller.logs import setup_logging
 from controller.store import Store
 from controller.telemetry import Telemetry, TracingInterceptor

@@ -17,6 +17,7 @@ from vmm.v1 import host_pb2, vm_pb2
 MIB = 1024 * 1024
 VM_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ID_RULE = "must be 1-64 letters, digits, '_' or '-'"
 MAC_PATTERN = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
@@ -113,7 +114,7 @@ def check_storage(disks: Iterable[vm_pb2.StorageDevice], prefix: str) -> list[Vi
 def check_disk(disk: vm_pb2.StorageDevice, prefix: str) -> list[Violation]:
     out: list[Violation] = []
     if disk.id and not DEVICE_ID_PATTERN.match(disk.id):
-        out.append(Violation(f"{prefix}.id", f"{disk.id!r} must be 1-64 letters, digits, '_' or '-'"))
+        out.append(Violation(f"{prefix}.id", f"{disk.id!r} {ID_RULE}"))
     if not disk.path:
         out.append(Violation(f"{prefix}.path", "is required"))
     elif not disk.path.startswith("/"):
@@ -138,14 +139,16 @@ def check_network(nics: Iterable[vm_pb2.NetworkInterface], prefix: str) -> list[
 def check_nic(nic: vm_pb2.NetworkInterface, prefix: str) -> list[Violation]:
     out: list[Violation] = []
     if nic.id and not DEVICE_ID_PATTERN.match(nic.id):
-        out.append(Violation(f"{prefix}.id", f"{nic.id!r} must be 1-64 letters, digits, '_' or '-'"))
+        out.append(Violation(f"{prefix}.id", f"{nic.id!r} {ID_RULE}"))
     if nic.mac_address:
         if not MAC_PATTERN.match(nic.mac_address):
-            out.append(Violation(f"{prefix}.mac_address",
-                                 f"{nic.mac_address!r} is not a MAC address like 52:54:00:12:34:56"))
+            out.append(Violation(
+                f"{prefix}.mac_address",
+                f"{nic.mac_address!r} is not a MAC address like 52:54:00:12:34:56"))
         elif int(nic.mac_address[:2], 16) & 1:
-            out.append(Violation(f"{prefix}.mac_address",
-                                 f"{nic.mac_address!r} is a multicast address; a NIC needs a unicast one"))
+            out.append(Violation(
+                f"{prefix}.mac_address",
+                f"{nic.mac_address!r} is a multicast address; a NIC needs a unicast one"))
     # vhost-user and SR-IOV (VFIO) interfaces have no TAP device on the host.
     kind = nic.interface_type.lower()
     if kind not in features.VHOST_USER_TYPES | features.SRIOV_TYPES and not nic.tap_device:

@@ -98,7 +98,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
     # ---- create -----------------------------------------------------------------------
 
     @api_method
-    async def CreateVm(self, request: vm_pb2.CreateVmRequest,  # noqa: N802
+    async def CreateVm(self, request: vm_pb2.CreateVmRequest,
                        context: grpc.aio.ServicerContext) -> vm_pb2.CreateVmResponse:
         violations = validation.check_vm_id(request.vm_id) if request.vm_id else []
         if not request.HasField("config"):
@@ -333,7 +333,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
             self.cache.note_write(written)
 
     @api_method
-    async def BootVm(self, request: vm_pb2.BootVmRequest,  # noqa: N802
+    async def BootVm(self, request: vm_pb2.BootVmRequest,
                      context: grpc.aio.ServicerContext) -> vm_pb2.BootVmResponse:
         state = await self._transition(
             request.vm_id, "boot", {S.VM_STATE_CREATED, S.VM_STATE_SHUTDOWN, S.VM_STATE_FAILED},
@@ -341,21 +341,21 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         return vm_pb2.BootVmResponse(success=state == S.VM_STATE_RUNNING, state=state)
 
     @api_method
-    async def PauseVm(self, request: vm_pb2.PauseVmRequest,  # noqa: N802
+    async def PauseVm(self, request: vm_pb2.PauseVmRequest,
                       context: grpc.aio.ServicerContext) -> vm_pb2.PauseVmResponse:
         state = await self._transition(request.vm_id, "pause", {S.VM_STATE_RUNNING},
                                        S.VM_STATE_PAUSED, "vm.pause_resume")
         return vm_pb2.PauseVmResponse(success=state == S.VM_STATE_PAUSED, state=state)
 
     @api_method
-    async def ResumeVm(self, request: vm_pb2.ResumeVmRequest,  # noqa: N802
+    async def ResumeVm(self, request: vm_pb2.ResumeVmRequest,
                        context: grpc.aio.ServicerContext) -> vm_pb2.ResumeVmResponse:
         state = await self._transition(request.vm_id, "resume", {S.VM_STATE_PAUSED},
                                        S.VM_STATE_RUNNING, "vm.pause_resume")
         return vm_pb2.ResumeVmResponse(success=state == S.VM_STATE_RUNNING, state=state)
 
     @api_method
-    async def ShutdownVm(self, request: vm_pb2.ShutdownVmRequest,  # noqa: N802
+    async def ShutdownVm(self, request: vm_pb2.ShutdownVmRequest,
                          context: grpc.aio.ServicerContext) -> vm_pb2.ShutdownVmResponse:
         if request.timeout_seconds < 0:
             raise invalid_field("timeout_seconds", f"must not be negative, got "
@@ -374,7 +374,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         return vm_pb2.ShutdownVmResponse(success=state == S.VM_STATE_SHUTDOWN, state=state)
 
     @api_method
-    async def RebootVm(self, request: vm_pb2.RebootVmRequest,  # noqa: N802
+    async def RebootVm(self, request: vm_pb2.RebootVmRequest,
                        context: grpc.aio.ServicerContext) -> vm_pb2.RebootVmResponse:
         def bump(r: records_pb2.VmRecord) -> None:
             r.reboot_epoch += 1
@@ -387,7 +387,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         return vm_pb2.RebootVmResponse(success=state == S.VM_STATE_RUNNING, state=state)
 
     @api_method
-    async def DeleteVm(self, request: vm_pb2.DeleteVmRequest,  # noqa: N802
+    async def DeleteVm(self, request: vm_pb2.DeleteVmRequest,
                        context: grpc.aio.ServicerContext) -> vm_pb2.DeleteVmResponse:
         stored = self._get(request.vm_id)
         record = stored.record
@@ -415,8 +415,8 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
             raise not_found(record.vm_id)
         self.cache.note_write(written)
         try:
-            await self.cache.wait_for(record.vm_id, lambda s: s is None,
-                                      self.settings.operation_timeout + self.settings.shutdown_grace)
+            wait = self.settings.operation_timeout + self.settings.shutdown_grace
+            await self.cache.wait_for(record.vm_id, lambda s: s is None, wait)
         except TimeoutError:
             raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            f"vm {record.vm_id} is marked for deletion, but host {record.host_id} "
@@ -442,7 +442,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         return record.status.reason or record.status.error
 
     @api_method
-    async def GetVmInfo(self, request: vm_pb2.GetVmInfoRequest,  # noqa: N802
+    async def GetVmInfo(self, request: vm_pb2.GetVmInfoRequest,
                         context: grpc.aio.ServicerContext) -> vm_pb2.GetVmInfoResponse:
         record = self._get(request.vm_id).record
         session = self.hub.host_of(record.host_id)
@@ -458,7 +458,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
             modified_timestamp=record.modified_timestamp)
 
     @api_method
-    async def ListVms(self, request: vm_pb2.ListVmsRequest,  # noqa: N802
+    async def ListVms(self, request: vm_pb2.ListVmsRequest,
                       context: grpc.aio.ServicerContext) -> vm_pb2.ListVmsResponse:
         if request.page_size < 0:
             raise invalid_field("page_size", f"must not be negative, got {request.page_size}")
@@ -479,7 +479,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         token = base64.urlsafe_b64encode(page[-1].vm_id.encode()).decode() if more else ""
         return vm_pb2.ListVmsResponse(vms=page, next_page_token=token, total_count=len(infos))
 
-    async def WatchVms(self, request: vm_pb2.WatchVmsRequest,  # noqa: N802
+    async def WatchVms(self, request: vm_pb2.WatchVmsRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[vm_pb2.WatchVmsResponse]:
         ids, states = set(request.vm_ids), set(request.state_filter)
@@ -546,7 +546,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         return reply.hotplug.state or state
 
     @api_method
-    async def ResizeVm(self, request: vm_pb2.ResizeVmRequest,  # noqa: N802
+    async def ResizeVm(self, request: vm_pb2.ResizeVmRequest,
                        context: grpc.aio.ServicerContext) -> vm_pb2.ResizeVmResponse:
         record = self._get(request.vm_id).record
         violations = []
@@ -590,7 +590,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
                                        memory_size_bytes=now_cfg.memory.size_bytes)
 
     @api_method
-    async def AttachDisk(self, request: vm_pb2.AttachDiskRequest,  # noqa: N802
+    async def AttachDisk(self, request: vm_pb2.AttachDiskRequest,
                          context: grpc.aio.ServicerContext) -> vm_pb2.AttachDiskResponse:
         record = self._get(request.vm_id).record
         violations = validation.check_storage([*record.config.storage, request.device],
@@ -611,7 +611,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         return vm_pb2.AttachDiskResponse(success=True, state=state)
 
     @api_method
-    async def DetachDisk(self, request: vm_pb2.DetachDiskRequest,  # noqa: N802
+    async def DetachDisk(self, request: vm_pb2.DetachDiskRequest,
                          context: grpc.aio.ServicerContext) -> vm_pb2.DetachDiskResponse:
         record = self._get(request.vm_id).record
         if not any(d.id == request.device_id for d in record.config.storage):
@@ -628,7 +628,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         return vm_pb2.DetachDiskResponse(success=True, state=state)
 
     @api_method
-    async def AttachNetworkInterface(self, request: vm_pb2.AttachNetworkInterfaceRequest,  # noqa: N802
+    async def AttachNetworkInterface(self, request: vm_pb2.AttachNetworkInterfaceRequest,
                                      context: grpc.aio.ServicerContext
                                      ) -> vm_pb2.AttachNetworkInterfaceResponse:
         record = self._get(request.vm_id).record
@@ -650,7 +650,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         return vm_pb2.AttachNetworkInterfaceResponse(success=True, state=state)
 
     @api_method
-    async def DetachNetworkInterface(self, request: vm_pb2.DetachNetworkInterfaceRequest,  # noqa: N802
+    async def DetachNetworkInterface(self, request: vm_pb2.DetachNetworkInterfaceRequest,
                                      context: grpc.aio.ServicerContext
                                      ) -> vm_pb2.DetachNetworkInterfaceResponse:
         record = self._get(request.vm_id).record
@@ -671,7 +671,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
     # ---- migration ------------------------------------------------------------------
 
     @api_method
-    async def MigrateVm(self, request: vm_pb2.MigrateVmRequest,  # noqa: N802
+    async def MigrateVm(self, request: vm_pb2.MigrateVmRequest,
                         context: grpc.aio.ServicerContext) -> vm_pb2.MigrateVmResponse:
         record = self._get(request.vm_id).record
         if request.target_backend and request.target_backend != record.backend:
@@ -695,7 +695,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         return session
 
     @api_method
-    async def GetConsoleLog(self, request: vm_pb2.GetConsoleLogRequest,  # noqa: N802
+    async def GetConsoleLog(self, request: vm_pb2.GetConsoleLogRequest,
                             context: grpc.aio.ServicerContext) -> vm_pb2.GetConsoleLogResponse:
         if request.tail_lines < 0:
             raise invalid_field("tail_lines", "must not be negative")
@@ -707,7 +707,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         return vm_pb2.GetConsoleLogResponse(text=reply.console_log.text,
                                             truncated=reply.console_log.truncated)
 
-    async def StreamConsole(self, request: vm_pb2.StreamConsoleRequest,  # noqa: N802
+    async def StreamConsole(self, request: vm_pb2.StreamConsoleRequest,
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[vm_pb2.StreamConsoleResponse]:
         try:

@@ -29,10 +29,6 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from google.protobuf import json_format
-from vmm import features
-from vmm.agent.v1 import agent_pb2
-from vmm.features import feature
-from vmm.v1 import host_pb2, vm_pb2
 
 from agent import process
 from agent.hypervisors.cloud_hypervisor_api import (
@@ -65,6 +61,10 @@ from agent.runtimes.base import (
 )
 from agent.runtimes.readiness import console_offset, ready_marker, wait_for_console_marker
 from agent.vm_dir import VmDir
+from vmm import features
+from vmm.agent.v1 import agent_pb2
+from vmm.features import feature
+from vmm.v1 import host_pb2, vm_pb2
 
 BINARY_NAME = "cloud-hypervisor"
 SIMULATOR_NAME = "cloud-hypervisor-sim"
@@ -660,7 +660,7 @@ class CloudHypervisorRuntime(Runtime):
             if await self._state(api) != VmState.RUNNING:
                 await api.resume_vm()
 
-    async def shutdown(self, vm: VmDir, force: bool, timeout: float) -> None:  # noqa: ASYNC109
+    async def shutdown(self, vm: VmDir, force: bool, timeout: float) -> None:
         ref = self.live_process(vm)
         if ref is None:
             return

@@ -34,10 +34,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmm import features
-from vmm.agent.v1 import agent_pb2
-from vmm.v1 import host_pb2, vm_pb2
-
 from agent import process
 from agent.hypervisors.firecracker_api import (
     BootSource,
@@ -62,6 +58,9 @@ from agent.runtimes.base import (
 )
 from agent.runtimes.readiness import console_offset, ready_marker, wait_for_console_marker
 from agent.vm_dir import VmDir
+from vmm import features
+from vmm.agent.v1 import agent_pb2
+from vmm.v1 import host_pb2, vm_pb2
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +415,7 @@ class FirecrackerRuntime(Runtime):
             await api.resume()
 
     # The Runtime interface names the parameter `timeout`.
-    async def shutdown(self, vm: VmDir, force: bool, timeout: float) -> None:  # noqa: ASYNC109
+    async def shutdown(self, vm: VmDir, force: bool, timeout: float) -> None:
         ref = self.live_process(vm)
         if ref is not None:
             if not force:

@@ -42,9 +42,6 @@ from typing import Any
 
 import psutil
 from google.protobuf import json_format
-from vmm import features
-from vmm.agent.v1 import agent_pb2
-from vmm.v1 import host_pb2, vm_pb2
 
 from agent import process
 from agent.hypervisors.qmp import QmpClient
@@ -89,6 +86,9 @@ from agent.runtimes.qemu_launch import (
 )
 from agent.runtimes.readiness import console_offset, ready_marker, wait_for_console_marker
 from agent.vm_dir import VmDir
+from vmm import features
+from vmm.agent.v1 import agent_pb2
+from vmm.v1 import host_pb2, vm_pb2
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class QemuRuntime(Runtime):
             await qmp.execute("cont")
 
     # The Runtime interface names the parameter `timeout`.
-    async def shutdown(self, vm: VmDir, force: bool, timeout: float) -> None:  # noqa: ASYNC109
+    async def shutdown(self, vm: VmDir, force: bool, timeout: float) -> None:
         ref = self.live_process(vm)
         if ref is not None:
             if not force:

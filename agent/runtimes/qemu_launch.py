@@ -26,12 +26,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from agent.runtimes.qemu_accel import Accel, AccelChoice
+from agent.vm_dir import VmDir
 from vmm import features
 from vmm.agent.v1 import agent_pb2
 from vmm.v1 import vm_pb2
-
-from agent.runtimes.qemu_accel import Accel, AccelChoice
-from agent.vm_dir import VmDir
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
