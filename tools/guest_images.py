@@ -302,15 +302,24 @@ def linux_guest(cache_dir: Path, release: str | None = None) -> LinuxGuest:
 
     Without a release, the one already in the cache is used, else the one apt offers.
     """
-    release = release or _cached_release(cache_dir) or kernel_release_offered()
-    kernel_dir = cache_dir / f"linux-{release}"
+    chosen = release or _cached_release(cache_dir) or kernel_release_offered()
+    kernel_dir = cache_dir / f"linux-{chosen}"
     if not (kernel_dir / "vmlinux").exists():
-        _build_kernel_dir(cache_dir, release, kernel_dir)
+        try:
+            _build_kernel_dir(cache_dir, chosen, kernel_dir)
+        except GuestBuildError:
+            if release:
+                raise
+            # Package lists older than the mirror name a kernel it no longer has.
+            _run(["apt-get", "update", "-qq"])
+            chosen = kernel_release_offered()
+            kernel_dir = cache_dir / f"linux-{chosen}"
+            _build_kernel_dir(cache_dir, chosen, kernel_dir)
     return LinuxGuest(
         bzimage=kernel_dir / "bzImage",
         vmlinux=kernel_dir / "vmlinux",
         initramfs=_build_initramfs(kernel_dir),
-        release=release,
+        release=chosen,
     )
 
 
