@@ -236,8 +236,11 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
             raise ApiError(code_from_name(reply.error_code), reply.error)
 
     async def _call(self, session: AgentSession, request: agent_pb2.Request) -> agent_pb2.Reply:
+        kind = request.WhichOneof("kind")
         try:
-            return await session.call(request, self.settings.operation_timeout)
+            with self.telemetry.tracer.start_as_current_span(f"agent.{kind}") as span:
+                span.set_attribute("vmm.host_id", session.host_id)
+                return await session.call(request, self.settings.operation_timeout)
         except TimeoutError:
             raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            f"host {session.host_id} did not answer within "
@@ -247,19 +250,26 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
 
     async def _await_generation(self, record: records_pb2.VmRecord,
                                 timeout: float) -> StoredVm | None:
-        """Wait until the VM's agent reports the record's generation (or the VM is gone)."""
+        """Wait until the VM's agent reports the record's generation (or the VM is gone).
+        The wait is the agent's operation as the controller sees it: it gets its own span."""
         generation = record.generation
-        try:
-            return await self.cache.wait_for(
-                record.vm_id,
-                lambda s: s is None or s.record.status.observed_generation >= generation,
-                timeout)
-        except TimeoutError:
-            raise ApiError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"vm {record.vm_id}: the desired state (generation {generation}) is recorded, but "
-                f"host {record.host_id} has not reported it within {timeout:.0f}s; it will be "
-                "applied when the host catches up") from None
+        with self.telemetry.tracer.start_as_current_span("agent.apply") as span:
+            span.set_attribute("vmm.vm_id", record.vm_id)
+            span.set_attribute("vmm.host_id", record.host_id)
+            span.set_attribute("vmm.generation", generation)
+            span.set_attribute("vmm.desired_state", state_name(record.desired_state))
+            try:
+                return await self.cache.wait_for(
+                    record.vm_id,
+                    lambda s: s is None or s.record.status.observed_generation >= generation,
+                    timeout)
+            except TimeoutError:
+                span.set_attribute("vmm.timed_out", True)
+        raise ApiError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"vm {record.vm_id}: the desired state (generation {generation}) is recorded, but "
+            f"host {record.host_id} has not reported it within {timeout:.0f}s; it will be "
+            "applied when the host catches up")
 
     # ---- lifecycle ------------------------------------------------------------------
 

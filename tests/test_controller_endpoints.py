@@ -77,10 +77,16 @@ def test_calls_fail_unavailable_while_etcd_is_down(
     assert created.state == vm_pb2.VM_STATE_CREATED
 
 
-def test_a_span_per_rpc(cluster: Cluster) -> None:
+def test_a_span_per_rpc_and_per_agent_operation(
+        cluster: Cluster, example: Callable[[str], vm_pb2.VmConfig]) -> None:
     cluster.restart_controller_with(["--telemetry-exporter", "console"])
+    cluster.add_agent("h1")
+    cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="traced", config=example("ci-runner")))
     cluster.vms.ListVms(vm_pb2.ListVmsRequest())
     cluster.controller.stop()  # flushes the span processor
     log = cluster.controller.log.read_text()
-    assert '"name": "/vmm.v1.VmService/ListVms"' in log
+    for name in ("/vmm.v1.VmService/CreateVm", "/vmm.v1.VmService/ListVms", "agent.preflight",
+                 "agent.apply"):
+        assert f'"name": "{name}"' in log, name
     assert '"rpc.grpc.status_code": 0' in log
+    assert '"vmm.vm_id": "traced"' in log
