@@ -21,6 +21,8 @@ class ControllerConfig:
     etcd_prefix: str = "/vmm/"
     # Seconds an RPC waits for the agent to carry out a change.
     operation_timeout: float = 30.0
+    # A connected agent silent this long is DEGRADED and gets no new VMs.
+    heartbeat_timeout: float = 15.0
     # Seconds a disconnected agent's host lease lives.
     host_lease_ttl: int = 10
     # A VM deleted while its host is away is forgotten after this many seconds (the

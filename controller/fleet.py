@@ -19,9 +19,11 @@ def allocatable(record: records_pb2.HostRecord) -> host_pb2.Resources:
 
 
 class Fleet:
-    def __init__(self, store: Store, hub: AgentHub) -> None:
+    def __init__(self, store: Store, hub: AgentHub, heartbeat_timeout: float = 15.0) -> None:
         self.store = store
         self.hub = hub
+        # A connected agent silent this long is DEGRADED, and placement skips its host.
+        self.heartbeat_timeout = heartbeat_timeout
         # Hosts whose alive key was seen recently (sessions on other replicas).
         self._alive: set[str] = set()
         self._alive_read = 0.0
@@ -41,8 +43,15 @@ class Fleet:
         records = await self.store.list_hosts()
         allocations = await self.store.list_allocations()
         alive = await self.refresh_alive()
-        return [self.view(r, allocations.get(r.host_id), r.host_id in alive
-                          or r.host_id in self.hub.sessions) for r in records]
+        return [self.view(r, allocations.get(r.host_id), self._schedulable(r.host_id, alive))
+                for r in records]
+
+    def _schedulable(self, host_id: str, alive: set[str]) -> bool:
+        session = self.hub.host_of(host_id)
+        if session is not None:
+            return (time.time() - session.last_heartbeat <= self.heartbeat_timeout
+                    and session.health == host_pb2.HOST_HEALTH_READY)
+        return host_id in alive
 
     @staticmethod
     def view(record: records_pb2.HostRecord, alloc: StoredAllocation | None,
@@ -89,6 +98,11 @@ class Fleet:
         if session is not None:
             host.health = session.health
             host.health_detail = session.health_detail
+            silent = time.time() - session.last_heartbeat
+            if silent > self.heartbeat_timeout:
+                # Connected, but the agent has stopped reporting: do not trust it.
+                host.health = host_pb2.HOST_HEALTH_DEGRADED
+                host.health_detail = f"no heartbeat for {silent:.0f}s"
             host.last_heartbeat_timestamp = int(session.last_heartbeat)
             host.metrics.CopyFrom(session.metrics)
         elif alive:

@@ -46,7 +46,7 @@ class Controller:
         self.cache = VmCache(self.store)
         self.telemetry = Telemetry(exporter=config.telemetry_exporter)
         self.hub = AgentHub(self.store, self.cache, self.telemetry, config.host_lease_ttl)
-        self.fleet = Fleet(self.store, self.hub)
+        self.fleet = Fleet(self.store, self.hub, config.heartbeat_timeout)
         self.vms = VmService(self.store, self.cache, self.hub, self.fleet, self.telemetry,
                              VmServiceSettings(
                                  operation_timeout=config.operation_timeout,

@@ -211,7 +211,8 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
             if request.backend:
                 return ApiError(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"no connected host offers backend {request.backend!r}")
-            return ApiError(grpc.StatusCode.UNAVAILABLE, "no host is connected")
+            return ApiError(grpc.StatusCode.UNAVAILABLE,
+                            "no host is ready (connected and heartbeating)")
         if why.backend_violations:
             violations = [v for name in sorted(why.backend_violations)
                           for v in why.backend_violations[name]]

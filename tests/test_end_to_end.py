@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
+from google.protobuf import json_format
 
 from agent.vm_dir import VmDir
 from tools.cluster import GIB, Cluster, wait_until
@@ -250,3 +253,44 @@ def test_generated_ids_are_unique_and_caller_ids_are_honoured(
     assert named.vm_id == "mine"
     dumped = json.dumps([v.vm_id for v in cluster.vms.ListVms(vm_pb2.ListVmsRequest()).vms])
     assert "mine" in dumped
+
+
+def test_a_silent_agent_is_degraded_and_gets_no_new_vms(
+        cluster: Cluster, example: Callable[[str], vm_pb2.VmConfig]) -> None:
+    cluster.restart_controller_with(["--heartbeat-timeout", "2"])
+    agent = cluster.add_agent("h1")
+    agent.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: cluster.hosts.GetHost(host_pb2.GetHostRequest(host_id="h1")).host
+                   .health == host_pb2.HOST_HEALTH_DEGRADED, what="DEGRADED")
+        with pytest.raises(grpc.RpcError) as err:
+            cluster.vms.CreateVm(vm_pb2.CreateVmRequest(config=example("ci-runner")))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        agent.signal(signal.SIGCONT)
+    cluster.wait_host_ready("h1")
+    created = cluster.vms.CreateVm(vm_pb2.CreateVmRequest(config=example("ci-runner")))
+    assert created.placement.host_id == "h1"
+
+
+def test_vmmctl_drives_the_real_controller(
+        cluster: Cluster, example: Callable[[str], vm_pb2.VmConfig], tmp_path: Path) -> None:
+    cluster.add_agent("h1")
+    spec = tmp_path / "vm.json"
+    spec.write_text(json.dumps({"config": json_format.MessageToDict(
+        example("lambda-function"), preserving_proto_field_name=True)}))
+
+    def vmmctl(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "tools.vmmctl", "--server",
+                               cluster.address, *args], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    vmmctl("create", "-f", str(spec), "--id", "cli-vm")
+    vmmctl("boot", "cli-vm")
+    listed = json.loads(vmmctl("-o", "json", "list"))
+    assert [(v["vm_id"], v["state"]) for v in listed["vms"]] == [("cli-vm", "VM_STATE_RUNNING")]
+    assert "GUEST-READY" in vmmctl("console", "cli-vm")
+    vmmctl("delete", "cli-vm", "--force")
+    assert json.loads(vmmctl("-o", "json", "list"))["total_count"] == 0

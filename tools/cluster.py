@@ -50,10 +50,10 @@ class Process:
         return self.proc.pid
 
     def signal(self, sig: int) -> None:
-        """Send sig; for SIGSTOP return at once, otherwise wait for the process to end."""
+        """Send sig; for a signal that ends the process, wait until it has."""
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
-            if sig != signal.SIGSTOP:
+            if sig not in (signal.SIGSTOP, signal.SIGCONT):
                 self.proc.wait(30)
 
     def stop(self) -> None:
