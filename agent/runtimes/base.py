@@ -195,6 +195,15 @@ def find_binary(configured: str | None, names: tuple[str, ...]) -> str | None:
     return None
 
 
+def positive_int(value: str) -> int | None:
+    """A device option's value as a positive integer, or None when it is not one."""
+    try:
+        number = int(value)
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
 def check_host_paths(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
     """Files a config names must exist on this host."""
     violations: list[agent_pb2.FieldViolation] = []

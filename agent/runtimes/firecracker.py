@@ -55,6 +55,7 @@ from agent.runtimes.base import (
     check_host_paths,
     console_tail,
     find_binary,
+    positive_int,
 )
 from agent.runtimes.readiness import console_offset, ready_marker, wait_for_console_marker
 from agent.vm_dir import VmDir
@@ -180,7 +181,7 @@ def config_violations(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]
                 if key not in supported:
                     violation(path, f"firecracker does not support the {kind} option {key!r} "
                                     f"(it supports: {', '.join(supported)})")
-                elif key.startswith("rate_limit_") and _positive_int(value) is None:
+                elif key.startswith("rate_limit_") and positive_int(value) is None:
                     violation(path, f"expected a positive whole number per second, got {value!r}")
     return out
 
@@ -226,17 +227,9 @@ def _variant(value: str | None) -> str | None:
     return value.strip().capitalize() if value else None
 
 
-def _positive_int(value: str) -> int | None:
-    try:
-        number = int(value)
-    except ValueError:
-        return None
-    return number if number > 0 else None
-
-
 def _rate_limiter(options: Mapping[str, str]) -> RateLimiter | None:
-    bandwidth = _positive_int(options.get("rate_limit_bandwidth", ""))
-    ops = _positive_int(options.get("rate_limit_ops", ""))
+    bandwidth = positive_int(options.get("rate_limit_bandwidth", ""))
+    ops = positive_int(options.get("rate_limit_ops", ""))
     if bandwidth is None and ops is None:
         return None
     return RateLimiter(bandwidth=TokenBucket(bandwidth) if bandwidth else None,

@@ -26,6 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from agent.runtimes.base import positive_int
 from agent.runtimes.qemu_accel import Accel, AccelChoice
 from agent.vm_dir import VmDir
 from vmm import features
@@ -263,7 +264,7 @@ def _disk_option_problem(key: str, value: str) -> str:
     if key == "direct" and v not in {"true", "false", "1", "0", "on", "off"}:
         return f"expected true or false, got {value!r}"
     if key in {"num_queues", "queue_size", "rate_limit_bandwidth",
-               "rate_limit_ops"} and _positive_int(value) is None:
+               "rate_limit_ops"} and positive_int(value) is None:
         return f"expected a positive whole number, got {value!r}"
     return ""
 
@@ -290,7 +291,7 @@ def nic_violations(nic: vm_pb2.NetworkInterface, path: str) -> list[agent_pb2.Fi
         if key not in NIC_OPTIONS:
             violation(f".options[{key}]", f"qemu does not support the network option {key!r} "
                                           f"(it supports: {', '.join(NIC_OPTIONS)})")
-        elif key == "num_queues" and _positive_int(value) is None:
+        elif key == "num_queues" and positive_int(value) is None:
             violation(f".options[{key}]", f"expected a positive whole number, got {value!r}")
         elif key == "vhost" and value.strip().lower() not in {"true", "false", "on", "off"}:
             violation(f".options[{key}]", f"expected true or false, got {value!r}")
@@ -299,14 +300,6 @@ def nic_violations(nic: vm_pb2.NetworkInterface, path: str) -> list[agent_pb2.Fi
 
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 _PCI_ADDRESS = re.compile(r"[0-9A-Fa-f]{4}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7]")
-
-
-def _positive_int(value: str) -> int | None:
-    try:
-        number = int(value)
-    except ValueError:
-        return None
-    return number if number > 0 else None
 
 
 def _flag(value: str) -> bool:
@@ -333,9 +326,9 @@ def parse_cpu_list(text: str) -> set[int] | None:
 def disk_throttle_group(disk: vm_pb2.StorageDevice, device_id: str) -> dict[str, Any] | None:
     """The throttle-group object (for object-add) limiting this disk, if it has limits."""
     limits: dict[str, Any] = {}
-    if bandwidth := _positive_int(disk.options.get("rate_limit_bandwidth", "")):
+    if bandwidth := positive_int(disk.options.get("rate_limit_bandwidth", "")):
         limits["x-bps-total"] = bandwidth
-    if ops := _positive_int(disk.options.get("rate_limit_ops", "")):
+    if ops := positive_int(disk.options.get("rate_limit_ops", "")):
         limits["x-iops-total"] = ops
     if not limits:
         return None
@@ -384,9 +377,9 @@ def disk_device(disk: vm_pb2.StorageDevice, device_id: str, machine: Machine,
     }
     if bus:
         device["bus"] = bus
-    if queues := _positive_int(options.get("num_queues", "")):
+    if queues := positive_int(options.get("num_queues", "")):
         device["num-queues"] = queues
-    if queue_size := _positive_int(options.get("queue_size", "")):
+    if queue_size := positive_int(options.get("queue_size", "")):
         device["queue-size"] = queue_size
     return device
 
@@ -408,7 +401,7 @@ def nic_backend(nic: vm_pb2.NetworkInterface, device_id: str) -> tuple[dict[str,
                               "script": "no", "downscript": "no"}
     if "vhost" in nic.options:
         netdev["vhost"] = _flag(nic.options["vhost"])
-    if queues := _positive_int(nic.options.get("num_queues", "")):
+    if queues := positive_int(nic.options.get("num_queues", "")):
         netdev["queues"] = queues
     return None, netdev
 
@@ -423,7 +416,7 @@ def nic_device(nic: vm_pb2.NetworkInterface, device_id: str, machine: Machine,
                   "id": qemu_id("nic", device_id), "netdev": qemu_id("net", device_id)}
         if nic.mac_address:
             device["mac"] = nic.mac_address.lower()
-        queues = _positive_int(nic.options.get("num_queues", ""))
+        queues = positive_int(nic.options.get("num_queues", ""))
         if queues and queues > 1:
             device["mq"] = "on"
             if machine == Machine.Q35:
