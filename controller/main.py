@@ -77,6 +77,7 @@ class Controller:
     async def start(self) -> int:
         await self.etcd.connect()
         await self.cache.start()
+        await self.fleet.refresh_alive()
         await self.hub.start()
         vm_pb2_grpc.add_VmServiceServicer_to_server(self.vms, self.server)
         host_pb2_grpc.add_HostServiceServicer_to_server(HostService(self.fleet), self.server)

@@ -294,6 +294,8 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
         record = stored.record
         if record.deleting:
             raise failed_precondition(f"cannot {verb} vm {vm_id}: it is being deleted")
+        if not self.fleet.host_connected(record.host_id):
+            await self.fleet.refresh_alive()  # its agent may be on another replica
         state = self.current_state(record)
         if state == S.VM_STATE_UNKNOWN:
             raise ApiError(grpc.StatusCode.UNAVAILABLE,
@@ -402,6 +404,8 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
                        context: grpc.aio.ServicerContext) -> vm_pb2.DeleteVmResponse:
         stored = self._get(request.vm_id)
         record = stored.record
+        if not self.fleet.host_connected(record.host_id):
+            await self.fleet.refresh_alive()  # its agent may be on another replica
         state = self.current_state(record)
         if state in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED) and not request.force:
             raise failed_precondition(
