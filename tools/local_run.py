@@ -87,6 +87,10 @@ def stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
             proc.wait()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the control plane on this machine.")
     parser.add_argument("--etcd-port", type=int, default=23790)
@@ -120,7 +124,10 @@ def main() -> None:
         print("in another shell:  . .venv/bin/activate; vmmctl hosts; "
               "vmmctl create -f deploy/examples/linux-guest.json")
         print("Ctrl-C stops everything")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        # Stop on Ctrl-C and on SIGTERM alike, even where a shell started us with SIGINT
+        # ignored (as it does for background jobs).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
         while all(p.poll() is None for _, p in procs):
             time.sleep(0.5)
         for name, p in procs:
