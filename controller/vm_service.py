@@ -116,10 +116,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
 
         stored = await self._place_and_store(vm_id, request)
         record = stored.record
-        try:
-            result = await self._await_generation(record, self.settings.operation_timeout)
-        except ApiError:
-            raise
+        result = await self._await_generation(record, self.settings.operation_timeout)
         if result is not None and result.record.status.error \
                 and result.record.status.observed_generation == record.generation:
             # The hypervisor refused what validation let through: undo the create.
