@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from controller.etcd_client import EtcdUnavailable
+from controller.etcd import EtcdUnavailable
 from controller.store import Store, now
 from controller.telemetry import Telemetry
 from controller.vm_cache import VmCache, VmChange

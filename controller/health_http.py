@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from controller.etcd_client import EtcdUnavailable
+from controller.etcd import EtcdUnavailable
 
 
 class HealthEndpoint:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 
-from controller.etcd_client import EtcdError
+from controller.etcd import EtcdError
 from controller.fleet import Fleet
 from controller.store import Store
 

@@ -16,7 +16,7 @@ from controller import config as config_module
 from controller.agent_hub import AgentHub
 from controller.auth import TokenInterceptor, load_tokens, server_credentials
 from controller.config import ControllerConfig
-from controller.etcd_client import EtcdClient, EtcdUnavailable
+from controller.etcd import EtcdClient, EtcdUnavailable
 from controller.fleet import Fleet
 from controller.health_http import HealthEndpoint
 from controller.host_service import HostService

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from controller.etcd_client import Compare, EtcdClient, GetResult, KeyValue, Op
+from controller.etcd import Compare, EtcdClient, GetResult, KeyValue, Op
 from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from controller.etcd_client import EventType, WatchCompacted
+from controller.etcd import EventType, WatchCompacted
 from controller.store import Store, StoredVm
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from controller.errors import (
     invalid_field,
     not_found,
 )
-from controller.etcd_client import EtcdUnavailable
+from controller.etcd import EtcdUnavailable
 from controller.fleet import Fleet
 from controller.store import ConflictError, CreateOutcome, Store, StoredVm, now
 from controller.telemetry import Telemetry

@@ -29,10 +29,9 @@ from agent.runtimes.base import HypervisorApiError, RuntimeFailure, RuntimeSetti
 from agent.runtimes.cloud_hypervisor import (
     CloudHypervisorRuntime,
     cloud_hypervisor_capabilities,
-    running_config,
     simulator_path,
-    translate_config,
 )
+from agent.runtimes.cloud_hypervisor_config import running_config, translate_config
 from agent.runtimes.readiness import READY_MARKER_OPTION
 from agent.vm_dir import StateDir, VmDir
 from vmm import features

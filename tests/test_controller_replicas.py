@@ -9,7 +9,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from controller.etcd_client import EtcdClient
+from controller.etcd import EtcdClient
 from tools.cluster import Cluster, wait_until
 from vmm.v1 import vm_pb2, vm_pb2_grpc
 

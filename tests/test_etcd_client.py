@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import pytest
 
-from controller.etcd_client import (
+from controller.etcd import (
     Compare,
     DeleteResult,
     EtcdClient,

@@ -8,7 +8,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from controller.etcd_client import EtcdClient
+from controller.etcd import EtcdClient
 from tools.cluster import Cluster
 
 
