@@ -237,7 +237,9 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
 
     async def apply_status(self, session: AgentSession, status: agent_pb2.VmStatus) -> None:
         """Record what an agent reports about one of its VMs."""
-        if status.HasField("metrics"):
+        if status.removed:
+            session.vm_metrics.pop(status.vm_id, None)
+        elif status.HasField("metrics"):
             session.vm_metrics[status.vm_id] = status.metrics
         lock = self._status_locks.setdefault(status.vm_id, asyncio.Lock())
         async with lock:
@@ -248,6 +250,8 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                 if cached.record.deleting:
                     await self.store.delete_vm(status.vm_id)
                     self.telemetry.vm_deleted(cached.record)
+                    # Anyone still waiting on this lock finds the VM gone and returns.
+                    self._status_locks.pop(status.vm_id, None)
                 return
             new = durable_status(status)
 
