@@ -7,7 +7,7 @@ import base64
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -76,6 +76,32 @@ def api_method(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[
 
 def state_name(state: int) -> str:
     return vm_pb2.VmState.Name(state).removeprefix("VM_STATE_")  # type: ignore[arg-type]
+
+
+Device = TypeVar("Device", vm_pb2.StorageDevice, vm_pb2.NetworkInterface)
+
+
+def check_new_device(check: Callable[[list[Device], str], list[Violation]],
+                     existing: Sequence[Device], device: Device, list_path: str, field: str,
+                     noun: str) -> None:
+    """Validate a device to hot-add as if it were appended to the VM's config at list_path
+    (ids stay unique, one root disk), naming the request's own field in errors."""
+    prefix = f"{list_path}[{len(existing)}]"
+    devices = list(existing)
+    devices.append(device)
+    violations = [Violation(v.field.replace(prefix, field), v.description)
+                  for v in check(devices, list_path) if v.field.startswith(prefix)]
+    if not device.id:
+        violations.append(Violation(f"{field}.id", f"is required to detach the {noun} later"))
+    if violations:
+        raise invalid(violations)
+
+
+def remove_by_id(devices: Any, device_id: str) -> None:
+    """Drop the device with this id from a repeated field, keeping the others' order."""
+    keep = [d for d in devices if d.id != device_id]
+    del devices[:]
+    devices.extend(keep)
 
 
 def new_vm_id() -> str:
@@ -605,15 +631,8 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
     async def AttachDisk(self, request: vm_pb2.AttachDiskRequest,
                          context: grpc.aio.ServicerContext) -> vm_pb2.AttachDiskResponse:
         record = self._get(request.vm_id).record
-        violations = validation.check_storage([*record.config.storage, request.device],
-                                              "config.storage")
-        index = len(record.config.storage)
-        mine = [Violation(v.field.replace(f"config.storage[{index}]", "device"), v.description)
-                for v in violations if f"[{index}]" in v.field]
-        if not request.device.id:
-            mine.append(Violation("device.id", "is required to detach the disk later"))
-        if mine:
-            raise invalid(mine)
+        check_new_device(validation.check_storage, record.config.storage, request.device,
+                         "config.storage", "device", "disk")
 
         def update(r: records_pb2.VmRecord) -> None:
             r.config.storage.append(request.device)
@@ -631,9 +650,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
                            f"vm {request.vm_id} has no disk {request.device_id!r}")
 
         def update(r: records_pb2.VmRecord) -> None:
-            keep = [d for d in r.config.storage if d.id != request.device_id]
-            del r.config.storage[:]
-            r.config.storage.extend(keep)
+            remove_by_id(r.config.storage, request.device_id)
 
         state = await self._hotplug(request.vm_id, "storage.hotplug",
                                     agent_pb2.HotplugRequest(detach_disk=request.device_id), update)
@@ -644,15 +661,8 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
                                      context: grpc.aio.ServicerContext
                                      ) -> vm_pb2.AttachNetworkInterfaceResponse:
         record = self._get(request.vm_id).record
-        index = len(record.config.network)
-        violations = validation.check_network([*record.config.network, request.interface],
-                                              "config.network")
-        mine = [Violation(v.field.replace(f"config.network[{index}]", "interface"), v.description)
-                for v in violations if f"[{index}]" in v.field]
-        if not request.interface.id:
-            mine.append(Violation("interface.id", "is required to detach the interface later"))
-        if mine:
-            raise invalid(mine)
+        check_new_device(validation.check_network, record.config.network, request.interface,
+                         "config.network", "interface", "interface")
 
         def update(r: records_pb2.VmRecord) -> None:
             r.config.network.append(request.interface)
@@ -671,9 +681,7 @@ class VmService(vm_pb2_grpc.VmServiceServicer):
                            f"vm {request.vm_id} has no network interface {request.interface_id!r}")
 
         def update(r: records_pb2.VmRecord) -> None:
-            keep = [n for n in r.config.network if n.id != request.interface_id]
-            del r.config.network[:]
-            r.config.network.extend(keep)
+            remove_by_id(r.config.network, request.interface_id)
 
         state = await self._hotplug(request.vm_id, "network.hotplug",
                                     agent_pb2.HotplugRequest(detach_nic=request.interface_id),

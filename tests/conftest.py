@@ -12,7 +12,7 @@ from google.protobuf import json_format
 from tools.cluster import ROOT, Cluster
 from vmm.v1 import vm_pb2
 
-pytest_plugins = ["tests.support.fixtures"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.guests"]
 
 EXAMPLES = ROOT / "deploy" / "examples"
 # Where the examples point; tests move that tree into a temp dir.

@@ -25,18 +25,13 @@ from agent.runtimes.qemu import QemuRuntime
 from agent.runtimes.qemu_accel import (
     hardware_virtualization,
     is_linux_kernel,
-    kvm_cpu_model,
     kvm_device_usable,
 )
 from agent.vm_dir import StateDir, VmDir
 from tools.guest_images import (
     LINUX_GUEST_HEARTBEAT,
-    GuestBuildError,
     LinuxGuest,
     TinyGuest,
-    default_cache_dir,
-    linux_guest,
-    tiny_guest,
 )
 from vmm import features
 from vmm.agent.v1 import agent_pb2
@@ -50,36 +45,12 @@ MIB = 1024 * 1024
 # ---- fixtures ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def qemu_binary() -> str:
-    binary = shutil.which("qemu-system-x86_64")
-    if binary is None:
-        pytest.skip("needs qemu-system-x86_64 on PATH (Debian package qemu-system-x86)")
-    return binary
 
 
-@pytest.fixture(scope="session")
-def tiny() -> TinyGuest:
-    try:
-        return tiny_guest(default_cache_dir())
-    except GuestBuildError as e:
-        pytest.skip(f"cannot build the tiny guest: {e}")
 
 
-@pytest.fixture(scope="session")
-def linux() -> LinuxGuest:
-    try:
-        return linux_guest(default_cache_dir())
-    except GuestBuildError as e:
-        pytest.skip(f"cannot build the Linux guest: {e}")
 
 
-@pytest.fixture(scope="session")
-def kvm(qemu_binary: str) -> None:
-    if not kvm_device_usable():
-        pytest.skip("needs a usable /dev/kvm (read-write, KVM API 12)")
-    if asyncio.run(kvm_cpu_model(qemu_binary)) is None:
-        pytest.skip("needs KVM that QEMU can start a vCPU on with the host CPU model")
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ Linux boots take seconds where the runtime has to emulate the CPU (TCG), so ther
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import tempfile
@@ -25,16 +24,12 @@ import grpc
 import psutil
 import pytest
 
-from agent.runtimes.qemu_accel import hardware_virtualization, kvm_cpu_model, kvm_device_usable
+from agent.runtimes.qemu_accel import hardware_virtualization, kvm_device_usable
 from agent.vm_dir import StateDir, VmDir
 from tools.cluster import GIB, Cluster, wait_until
 from tools.guest_images import (
-    GuestBuildError,
     LinuxGuest,
     TinyGuest,
-    default_cache_dir,
-    linux_guest,
-    tiny_guest,
 )
 from vmm.v1 import vm_pb2
 
@@ -57,36 +52,12 @@ SHORT_BOOT_TIMEOUT = 2.0
 # ---- fixtures ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def qemu_binary() -> str:
-    binary = shutil.which("qemu-system-x86_64")
-    if binary is None:
-        pytest.skip("needs qemu-system-x86_64 on PATH (Debian package qemu-system-x86)")
-    return binary
 
 
-@pytest.fixture(scope="session")
-def linux(qemu_binary: str) -> LinuxGuest:
-    try:
-        return linux_guest(default_cache_dir())
-    except GuestBuildError as e:
-        pytest.skip(f"cannot build the Linux guest (Debian's cloud kernel package): {e}")
 
 
-@pytest.fixture(scope="session")
-def tiny(qemu_binary: str) -> TinyGuest:
-    try:
-        return tiny_guest(default_cache_dir())
-    except GuestBuildError as e:
-        pytest.skip(f"cannot build the tiny guest: {e}")
 
 
-@pytest.fixture(scope="session")
-def kvm(qemu_binary: str) -> None:
-    if not kvm_device_usable():
-        pytest.skip("needs a usable /dev/kvm (read-write, KVM API 12)")
-    if asyncio.run(kvm_cpu_model(qemu_binary)) is None:
-        pytest.skip("needs a KVM on which QEMU can start a vCPU with the host CPU model")
 
 
 @pytest.fixture
