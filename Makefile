@@ -9,7 +9,7 @@ GUEST_DIR := var/guests
 .PHONY: run test bench proto proto-check docs lint buf-lint guest deps venv clean
 
 run: deps venv guest
-	$(PY) -m tools.local_run
+	$(PY) -m tools.fleet.local_run
 
 test: deps venv guest buf-lint
 	$(PY) -m pytest -q
@@ -18,17 +18,17 @@ bench: deps venv guest
 	$(PY) -m tools.bench
 
 proto: venv
-	$(PY) -m tools.gen_proto
+	$(PY) -m tools.codegen.proto
 
 proto-check: venv
-	$(PY) -m tools.gen_proto --check
+	$(PY) -m tools.codegen.proto --check
 
 # docs/backends.md, the support matrix generated from the runtimes' capability data.
 docs: venv
-	$(PY) -m tools.gen_backend_docs
+	$(PY) -m tools.codegen.backend_docs
 
 guest: venv
-	$(PY) -m tools.guest_images --cache $(GUEST_DIR)
+	$(PY) -m tools.guests --cache $(GUEST_DIR)
 
 lint: venv buf-lint
 	$(VENV)/bin/ruff check .

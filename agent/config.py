@@ -3,15 +3,11 @@ variables (VMM_AGENT_<FIELD>) and flags, in increasing order of precedence."""
 
 from __future__ import annotations
 
-import argparse
-import os
 import socket
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from controller.config import _coerce
+from vmm.common.settings import load_settings
 
 
 @dataclass
@@ -60,21 +56,6 @@ class AgentConfig:
 
 
 def load(argv: list[str] | None = None) -> AgentConfig:
-    parser = argparse.ArgumentParser(prog="vmm-agent", description="The vmm-control-plane agent.")
-    parser.add_argument("--config", type=Path, help="TOML file ([agent] table)")
-    for f in fields(AgentConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                            help=f"(env VMM_AGENT_{f.name.upper()})")
-    args = parser.parse_args(argv)
-    config = AgentConfig()
-    if args.config:
-        table: dict[str, Any] = tomllib.loads(args.config.read_text()).get("agent", {})
-        for key, value in table.items():
-            if not hasattr(config, key):
-                parser.error(f"{args.config}: unknown setting agent.{key}")
-            setattr(config, key, value)
-    for f in fields(AgentConfig):
-        for value in (os.environ.get(f"VMM_AGENT_{f.name.upper()}"), getattr(args, f.name)):
-            if value is not None:
-                setattr(config, f.name, _coerce(getattr(config, f.name), value))
-    return config
+    return load_settings(AgentConfig, argv, prog="vmm-agent",
+                         description="The vmm-control-plane agent.",
+                         table="agent", env_prefix="VMM_AGENT_")

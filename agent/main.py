@@ -14,7 +14,7 @@ from agent.runtimes import RUNTIME_CLASSES, detect_runtimes
 from agent.runtimes.base import Runtime, RuntimeSettings
 from agent.session import ControllerSession
 from agent.vm_dir import StateDir
-from controller.logs import setup_logging
+from vmm.common.logs import setup_logging
 
 log = logging.getLogger("vmm.agent")
 

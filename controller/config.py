@@ -3,12 +3,9 @@ variables (VMM_CONTROLLER_<FIELD>) and flags, in increasing order of precedence.
 
 from __future__ import annotations
 
-import argparse
-import os
-import tomllib
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+
+from vmm.common.settings import load_settings
 
 
 @dataclass
@@ -46,37 +43,7 @@ class ControllerConfig:
     log_level: str = "info"
 
 
-def _coerce(current: Any, raw: str) -> Any:
-    if isinstance(current, bool):
-        return raw.strip().lower() in {"1", "true", "yes", "on"}
-    if isinstance(current, int):
-        return int(raw)
-    if isinstance(current, float):
-        return float(raw)
-    if isinstance(current, list):
-        return [part.strip() for part in raw.split(",") if part.strip()]
-    return raw
-
-
 def load(argv: list[str] | None = None) -> ControllerConfig:
-    parser = argparse.ArgumentParser(prog="vmm-controller",
-                                     description="The vmm-control-plane controller.")
-    parser.add_argument("--config", type=Path, help="TOML file ([controller] table)")
-    for f in fields(ControllerConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                            help=f"(env VMM_CONTROLLER_{f.name.upper()})")
-    args = parser.parse_args(argv)
-    config = ControllerConfig()
-    if args.config:
-        table = tomllib.loads(args.config.read_text()).get("controller", {})
-        for key, value in table.items():
-            if not hasattr(config, key):
-                parser.error(f"{args.config}: unknown setting controller.{key}")
-            setattr(config, key, value)
-    for f in fields(ControllerConfig):
-        raw = os.environ.get(f"VMM_CONTROLLER_{f.name.upper()}")
-        flag = getattr(args, f.name)
-        for value in (raw, flag):
-            if value is not None:
-                setattr(config, f.name, _coerce(getattr(config, f.name), value))
-    return config
+    return load_settings(ControllerConfig, argv, prog="vmm-controller",
+                         description="The vmm-control-plane controller.",
+                         table="controller", env_prefix="VMM_CONTROLLER_")

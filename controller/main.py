@@ -14,19 +14,20 @@ from grpc_reflection.v1alpha import reflection
 
 from controller import config as config_module
 from controller.agent_hub import AgentHub
+from controller.api.host_service import HostService
+from controller.api.operations import VmServiceSettings
+from controller.api.service import VmService
 from controller.auth import TokenInterceptor, load_tokens, server_credentials
 from controller.config import ControllerConfig
 from controller.etcd import EtcdClient, EtcdUnavailable
 from controller.fleet import Fleet
 from controller.health_http import HealthEndpoint
-from controller.host_service import HostService
 from controller.leader import Leadership
-from controller.logs import setup_logging
 from controller.store import Store
 from controller.telemetry import Telemetry, TracingInterceptor
 from controller.vm_cache import VmCache
-from controller.vm_service import VmService, VmServiceSettings
 from vmm.agent.v1 import agent_pb2, agent_pb2_grpc
+from vmm.common.logs import setup_logging
 from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
 
 log = logging.getLogger("vmm.controller")

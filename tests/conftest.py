@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 
-from tools.cluster import ROOT, Cluster
+from tools.fleet.cluster import ROOT, Cluster
 from vmm.v1 import vm_pb2
 
 pytest_plugins = ["tests.support.fixtures", "tests.support.guests"]

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tools.cluster import ROOT, Cluster
+from tools.fleet.cluster import ROOT, Cluster
 from vmm.v1 import host_pb2, vm_pb2, vm_pb2_grpc
 
 TOKEN = "s3cret-token"

@@ -7,14 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools import gen_backend_docs
-from tools.cluster import ROOT
+from tools.codegen import backend_docs as gen_backend_docs
+from tools.fleet.cluster import ROOT
 from vmm import features
 from vmm.v1 import host_pb2
 
 
 def run_generator(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tools.gen_backend_docs", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "tools.codegen.backend_docs", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=False)
 
 

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from tests.support.api import bad_fields, etcd_revision
-from tools.cluster import Cluster
+from tools.fleet.cluster import Cluster
 from vmm.v1 import vm_pb2
 
 

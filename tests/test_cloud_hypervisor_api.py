@@ -22,7 +22,7 @@ import pytest
 from agent.hypervisors.cloud_hypervisor_api import CloudHypervisorApi, VmInfo
 from agent.vm_dir import VmDir
 from tests.support.api import bad_fields
-from tools.cluster import GIB, Cluster, wait_until
+from tools.fleet.cluster import GIB, Cluster, wait_until
 from vmm import features
 from vmm.v1 import vm_pb2
 

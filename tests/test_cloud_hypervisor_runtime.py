@@ -25,7 +25,8 @@ from agent.hypervisors.cloud_hypervisor_api import (
     CloudHypervisorApiError,
     VmInfo,
 )
-from agent.runtimes.base import HypervisorApiError, RuntimeFailure, RuntimeSettings
+from agent.hypervisors.errors import HypervisorApiError
+from agent.runtimes.base import RuntimeFailure, RuntimeSettings
 from agent.runtimes.cloud_hypervisor import (
     CloudHypervisorRuntime,
     cloud_hypervisor_capabilities,
@@ -71,7 +72,7 @@ def _real_backend(tmp_path_factory: pytest.TempPathFactory) -> Backend:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("cloud-hypervisor needs read/write access to /dev/kvm, which this "
                     "machine lacks")
-    from tools.guest_images import GuestBuildError, linux_guest
+    from tools.guests.images import GuestBuildError, linux_guest
 
     try:
         guest = linux_guest(tmp_path_factory.mktemp("guests"))

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from tools.cluster import Cluster, wait_until
+from tools.fleet.cluster import Cluster, wait_until
 from vmm.v1 import vm_pb2
 
 

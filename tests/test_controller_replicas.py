@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from controller.etcd import EtcdClient
-from tools.cluster import Cluster, wait_until
+from tools.fleet.cluster import Cluster, wait_until
 from vmm.v1 import vm_pb2, vm_pb2_grpc
 
 ELECTION = "/vmm/controller-leader"

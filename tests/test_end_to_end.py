@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import json_format
 
 from agent.vm_dir import VmDir
-from tools.cluster import GIB, Cluster, wait_until
+from tools.fleet.cluster import GIB, Cluster, wait_until
 from vmm.v1 import host_pb2, vm_pb2
 
 S = vm_pb2

@@ -22,7 +22,7 @@ from controller.etcd import (
     WatchEvent,
     prefix_range_end,
 )
-from tools.etcd_server import EtcdCluster, EtcdServer, free_loopback_port
+from tools.fleet.etcd_server import EtcdCluster, EtcdServer, free_loopback_port
 
 T = TypeVar("T")
 

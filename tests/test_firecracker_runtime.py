@@ -24,14 +24,10 @@ import psutil
 import pytest
 
 from agent import process
+from agent.hypervisors.errors import HypervisorApiError
 from agent.hypervisors.firecracker_api import FirecrackerApi
 from agent.hypervisors.unix_http import UnixHttpClient
-from agent.runtimes.base import (
-    HypervisorApiError,
-    RuntimeFailure,
-    RuntimeSettings,
-    UnsupportedOperation,
-)
+from agent.runtimes.base import RuntimeFailure, RuntimeSettings, UnsupportedOperation
 from agent.runtimes.firecracker import (
     FirecrackerRuntime,
     MetricsTotals,
@@ -41,7 +37,7 @@ from agent.runtimes.firecracker import (
 )
 from agent.runtimes.readiness import READY_MARKER_OPTION
 from agent.vm_dir import StateDir, VmDir
-from tools.guest_images import GuestBuildError, TinyGuest, tiny_guest
+from tools.guests.images import GuestBuildError, TinyGuest, tiny_guest
 from vmm import features
 from vmm.agent.v1 import agent_pb2
 from vmm.v1 import host_pb2, vm_pb2
@@ -130,8 +126,8 @@ def _settings(**overrides: Any) -> RuntimeSettings:
 def backend(request: pytest.FixtureRequest, tiny: TinyGuest, tmp_path: Path,
             ctrl_alt_del_elf: Path) -> Backend:
     if request.param == "simulator":
-        if importlib.util.find_spec("tools.firecracker_sim") is None:
-            pytest.skip("the Firecracker simulator tools/firecracker_sim.py is not installed")
+        if importlib.util.find_spec("tools.simulators.firecracker") is None:
+            pytest.skip("the Firecracker simulator tools/simulators/firecracker is not installed")
         runtime = FirecrackerRuntime.detect(_settings(force_simulator=True))
         assert runtime is not None and runtime.simulated
         rebooting = tmp_path / "vmlinux-i8042"

@@ -122,7 +122,7 @@ def start_sim(api: Path, console: Path, *args: str,
     console.parent.mkdir(parents=True, exist_ok=True)
     with open(console, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.firecracker_sim", "--api-sock", str(api), *args],
+            [sys.executable, "-m", "tools.simulators.firecracker", "--api-sock", str(api), *args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
             env={**os.environ, **(env or {})})
     deadline = time.monotonic() + PATIENCE
@@ -594,7 +594,7 @@ def test_sigterm_kills_like_firecracker_and_the_socket_stays(
     assert api.exists()
     # Like Firecracker, a new process refuses a path that is already there.
     again = subprocess.run(
-        [sys.executable, "-m", "tools.firecracker_sim", "--api-sock", str(api)],
+        [sys.executable, "-m", "tools.simulators.firecracker", "--api-sock", str(api)],
         cwd=ROOT, capture_output=True, text=True, timeout=PATIENCE, check=False)
     assert again.returncode == 1
     assert (f"Failed to open the API socket at: {api}. Check that it is not already used."
@@ -620,8 +620,8 @@ def test_config_file_boots_the_microvm_at_start(tmp_path: Path,
     config.write_text(json.dumps({"boot-source": {"kernel_image_path": str(tmp_path / "no")},
                                   "drives": []}))
     failed = subprocess.run(
-        [sys.executable, "-m", "tools.firecracker_sim", "--api-sock", str(tmp_path / "b.sock"),
-         "--config-file", str(config)],
+        [sys.executable, "-m", "tools.simulators.firecracker",
+         "--api-sock", str(tmp_path / "b.sock"), "--config-file", str(config)],
         cwd=ROOT, capture_output=True, text=True, timeout=PATIENCE, check=False)
     assert failed.returncode == 1
     assert ("Configuration for VMM from one single json failed: Boot source error: The kernel "
@@ -631,7 +631,7 @@ def test_config_file_boots_the_microvm_at_start(tmp_path: Path,
 def test_command_line_is_parsed_like_firecracker(tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "tools.firecracker_sim", *args], cwd=ROOT,
+            [sys.executable, "-m", "tools.simulators.firecracker", *args], cwd=ROOT,
             capture_output=True, text=True, timeout=PATIENCE, check=False)
 
     version = run("--version")

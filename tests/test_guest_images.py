@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import tools.guest_images as guest_images
-from tools.guest_images import (
+import tools.guests.images as guest_images
+from tools.guests.images import (
     LINUX_GUEST_MARKER,
     TINY_GUEST_MARKER,
     CpioWriter,
@@ -164,7 +164,7 @@ def test_linux_guest_is_reused_from_the_cache(linux: LinuxGuest) -> None:
 
 def test_cli_prints_the_paths(tiny: TinyGuest) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "tools.guest_images", "--cache", str(tiny.elf64.parent),
+        [sys.executable, "-m", "tools.guests", "--cache", str(tiny.elf64.parent),
          "--tiny-only"], capture_output=True, text=True, check=True,
         cwd=guest_images.REPO_ROOT).stdout
     assert f"tiny.elf64={tiny.elf64}" in out and f"tiny.pvh32={tiny.pvh32}" in out

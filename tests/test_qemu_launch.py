@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.runtimes.qemu_accel import Accel, AccelChoice, hardware_virtualization, is_linux_kernel
-from agent.runtimes.qemu_launch import (
-    SPARE_HOTPLUG_PORTS,
-    Machine,
-    build_launch,
-    choose_machine,
-    config_violations,
-    device_option,
-    kernel_args,
-    parse_cpu_list,
-)
+from agent.runtimes.qemu.accel import Accel, AccelChoice, hardware_virtualization, is_linux_kernel
+from agent.runtimes.qemu.config import Machine, choose_machine, config_violations, parse_cpu_list
+from agent.runtimes.qemu.launch import SPARE_HOTPLUG_PORTS, build_launch, device_option, kernel_args
 from agent.vm_dir import VmDir
 from vmm.v1 import vm_pb2
 

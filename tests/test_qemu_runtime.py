@@ -21,14 +21,14 @@ from agent import process
 from agent.hypervisors.qmp import QmpClient, QmpError
 from agent.process import ProcessRef
 from agent.runtimes.base import RuntimeFailure, RuntimeSettings
-from agent.runtimes.qemu import QemuRuntime
-from agent.runtimes.qemu_accel import (
+from agent.runtimes.qemu.accel import (
     hardware_virtualization,
     is_linux_kernel,
     kvm_device_usable,
 )
+from agent.runtimes.qemu.runtime import QemuRuntime
 from agent.vm_dir import StateDir, VmDir
-from tools.guest_images import (
+from tools.guests.images import (
     LINUX_GUEST_HEARTBEAT,
     LinuxGuest,
     TinyGuest,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import guest_images
-from tools.cluster import Cluster
+from tools.fleet.cluster import Cluster
+from tools.guests import images as guest_images
 from vmm.v1 import host_pb2, vm_pb2
 
 

@@ -24,10 +24,10 @@ import grpc
 import psutil
 import pytest
 
-from agent.runtimes.qemu_accel import hardware_virtualization, kvm_device_usable
+from agent.runtimes.qemu.accel import hardware_virtualization, kvm_device_usable
 from agent.vm_dir import StateDir, VmDir
-from tools.cluster import GIB, Cluster, wait_until
-from tools.guest_images import (
+from tools.fleet.cluster import GIB, Cluster, wait_until
+from tools.guests.images import (
     LinuxGuest,
     TinyGuest,
 )

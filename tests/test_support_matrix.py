@@ -37,7 +37,7 @@ from agent.runtimes import runtime_class
 from agent.runtimes.base import RuntimeSettings
 from agent.vm_dir import VmDir
 from tests.support.api import bad_fields, etcd_revision
-from tools.cluster import GIB, Cluster, wait_until
+from tools.fleet.cluster import GIB, Cluster, wait_until
 from vmm import features
 from vmm.v1 import host_pb2, vm_pb2
 

@@ -26,8 +26,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from typer.testing import CliRunner, Result
 
-from tools import vmmctl
-from tools.vmmctl import parse_memory_size
+from tools.vmmctl import cli as vmmctl
+from tools.vmmctl.inputs import parse_memory_size
 from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
 
 # The spec's "Lambda Function (Firecracker)" example, verbatim.

@@ -9,7 +9,7 @@ import sys
 import pytest
 from google.protobuf.descriptor import FieldDescriptor as F
 
-from tools.cluster import ROOT
+from tools.fleet.cluster import ROOT
 from vmm.v1 import vm_pb2
 
 I32, I64, STR, BOOL, DBL, MSG, ENUM = (F.TYPE_INT32, F.TYPE_INT64, F.TYPE_STRING, F.TYPE_BOOL,
@@ -130,6 +130,6 @@ def test_vm_state_values() -> None:
 
 
 def test_generated_modules_are_fresh() -> None:
-    result = subprocess.run([sys.executable, "-m", "tools.gen_proto", "--check"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "tools.codegen.proto", "--check"], cwd=ROOT,
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -19,8 +19,8 @@ from typing import Any, TypedDict
 
 import httpx
 
+from agent.hypervisors.errors import HypervisorApiError, RuntimeFailure
 from agent.hypervisors.unix_http import ApiResponse, UnixHttpClient
-from agent.runtimes.base import HypervisorApiError, RuntimeFailure
 
 API_ROOT = "/api/v1"
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
+from agent.hypervisors.errors import HypervisorApiError, RuntimeFailure
 from agent.hypervisors.unix_http import ApiResponse, UnixHttpClient
-from agent.runtimes.base import HypervisorApiError, RuntimeFailure
 
 
 class InstanceState(StrEnum):

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from agent.runtimes.base import HypervisorApiError, RuntimeFailure
+from agent.hypervisors.errors import HypervisorApiError, RuntimeFailure
 
 # query-qmp-schema and friends answer in one line of several hundred KiB.
 _LINE_LIMIT = 16 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""Backend runtimes: one module per hypervisor, all behind runtimes.base.Runtime."""
+"""Backend runtimes: one module or package per hypervisor, all behind runtimes.base.Runtime."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from agent.runtimes.base import Runtime, RuntimeSettings
 RUNTIME_CLASSES: dict[str, str] = {
     "firecracker": "agent.runtimes.firecracker:FirecrackerRuntime",
     "cloud-hypervisor": "agent.runtimes.cloud_hypervisor:CloudHypervisorRuntime",
-    "qemu": "agent.runtimes.qemu:QemuRuntime",
+    "qemu": "agent.runtimes.qemu.runtime:QemuRuntime",
 }
 
 

@@ -16,23 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import process
+from agent.hypervisors.errors import RuntimeFailure as RuntimeFailure
 from agent.process import ProcessRef
 from agent.vm_dir import VmDir
 from vmm.agent.v1 import agent_pb2
 from vmm.v1 import host_pb2, vm_pb2
-
-
-class RuntimeFailure(Exception):
-    """An operation failed. `code` is the gRPC status code name the caller gets."""
-
-    def __init__(self, message: str, code: str = "FAILED_PRECONDITION") -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
-class HypervisorApiError(RuntimeFailure):
-    """The hypervisor's API refused a request; message carries its own error text verbatim."""
 
 
 class GuestNotReady(RuntimeFailure):

@@ -127,7 +127,7 @@ _VM_STATES: dict[str, vm_pb2.VmState.ValueType] = {
 }
 
 # Module that runs the API simulator when no firecracker-sim script is on PATH.
-SIMULATOR_MODULE = "tools.firecracker_sim"
+SIMULATOR_MODULE = "tools.simulators.firecracker"
 
 
 

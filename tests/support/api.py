@@ -9,7 +9,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from controller.etcd import EtcdClient
-from tools.cluster import Cluster
+from tools.fleet.cluster import Cluster
 
 
 def etcd_revision(cluster: Cluster) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from controller.etcd import EtcdClient
-from tools.etcd_server import EtcdCluster, EtcdServer, find_etcd
+from tools.fleet.etcd_server import EtcdCluster, EtcdServer, find_etcd
 
 ETCD_MISSING = "needs an etcd binary on PATH or in $ETCD_BINARY (Debian package etcd-server)"
 

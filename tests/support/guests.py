@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from agent.runtimes.qemu_accel import kvm_cpu_model, kvm_device_usable
-from tools.guest_images import (
+from agent.runtimes.qemu.accel import kvm_cpu_model, kvm_device_usable
+from tools.guests.images import (
     GuestBuildError,
     LinuxGuest,
     TinyGuest,

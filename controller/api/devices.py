@@ -1,0 +1,190 @@
+"""VmService hotplug RPCs: resize a running VM, attach and detach its disks and NICs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from controller import validation
+from controller.api.operations import S, VmOperations, api_method, raise_for_reply, state_name
+from controller.errors import (
+    ApiError,
+    Violation,
+    failed_precondition,
+    invalid,
+    invalid_field,
+)
+from vmm.agent.v1 import agent_pb2
+from vmm.store.v1 import records_pb2
+from vmm.v1 import vm_pb2
+
+Device = TypeVar("Device", vm_pb2.StorageDevice, vm_pb2.NetworkInterface)
+
+
+def check_new_device(check: Callable[[list[Device], str], list[Violation]],
+                     existing: Sequence[Device], device: Device, list_path: str, field: str,
+                     noun: str) -> None:
+    """Validate a device to hot-add as if it were appended to the VM's config at list_path
+    (ids stay unique, one root disk), naming the request's own field in errors."""
+    prefix = f"{list_path}[{len(existing)}]"
+    devices = list(existing)
+    devices.append(device)
+    violations = [Violation(v.field.replace(prefix, field), v.description)
+                  for v in check(devices, list_path) if v.field.startswith(prefix)]
+    if not device.id:
+        violations.append(Violation(f"{field}.id", f"is required to detach the {noun} later"))
+    if violations:
+        raise invalid(violations)
+
+
+def remove_by_id(devices: Any, device_id: str) -> None:
+    """Drop the device with this id from a repeated field, keeping the others' order."""
+    keep = [d for d in devices if d.id != device_id]
+    del devices[:]
+    devices.extend(keep)
+
+
+class DeviceRpcs:
+    """VmService mixin: changes the agent applies to a running VM in place."""
+
+    ops: VmOperations
+
+    async def _hotplug(self, vm_id: str, feature_key: str,
+                       request: agent_pb2.HotplugRequest,
+                       update: Callable[[records_pb2.VmRecord], None]) -> vm_pb2.VmState.ValueType:
+        stored = self.ops.get(vm_id)
+        record = stored.record
+        caps = await self.ops.fleet.capabilities(record.host_id, record.backend)
+        if caps is not None and (msg := validation.required_feature(caps, feature_key)):
+            raise failed_precondition(msg)
+        state = self.ops.current_state(record)
+        if state not in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED):
+            raise failed_precondition(f"cannot change vm {vm_id} while it is {state_name(state)}; "
+                                      "hotplug needs a running VM")
+        session = self.ops.hub.host_of(record.host_id)
+        if session is None:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE,
+                           f"host {record.host_id} of vm {vm_id} is not connected here")
+        request.vm_id = vm_id
+        reply = await self.ops.call(session, agent_pb2.Request(hotplug=request))
+        raise_for_reply(reply)
+
+        def follow(r: records_pb2.VmRecord) -> None:
+            # The desired config follows the change so that a restart recreates the VM as it
+            # is now. The generation is not bumped: the agent already runs this config.
+            if reply.hotplug.HasField("config"):
+                r.config.CopyFrom(reply.hotplug.config)
+            else:
+                update(r)
+
+        written = await self.ops.store.mutate_vm(vm_id, follow)
+        if written is not None:
+            self.ops.cache.note_write(written)
+        return reply.hotplug.state or state
+
+    @api_method
+    async def ResizeVm(self, request: vm_pb2.ResizeVmRequest,
+                       context: grpc.aio.ServicerContext) -> vm_pb2.ResizeVmResponse:
+        record = self.ops.get(request.vm_id).record
+        violations = []
+        if request.vcpu_count < 0:
+            violations.append(Violation("vcpu_count", "must not be negative"))
+        if request.memory_size_bytes < 0:
+            violations.append(Violation("memory_size_bytes", "must not be negative"))
+        elif request.memory_size_bytes % validation.MIB:
+            violations.append(Violation("memory_size_bytes", "is not a whole number of MiB"))
+        if not request.vcpu_count and not request.memory_size_bytes:
+            violations.append(Violation("vcpu_count", "give vcpu_count, memory_size_bytes or both"))
+        if violations:
+            raise invalid(violations)
+        key = "cpu.hotplug" if request.vcpu_count else "memory.hotplug"
+        caps = await self.ops.fleet.capabilities(record.host_id, record.backend)
+        if caps is not None:
+            for needed, asked in (("cpu.hotplug", request.vcpu_count),
+                                  ("memory.hotplug", request.memory_size_bytes)):
+                if asked and (msg := validation.required_feature(caps, needed)):
+                    raise failed_precondition(msg)
+        cpu_max = record.config.cpu.max_vcpu_count or record.config.cpu.vcpu_count
+        if request.vcpu_count > cpu_max:
+            raise invalid_field("vcpu_count", f"{request.vcpu_count} exceeds the VM's "
+                                f"max_vcpu_count of {cpu_max}")
+        mem_max = record.config.memory.max_size_bytes or record.config.memory.size_bytes
+        if request.memory_size_bytes > mem_max:
+            raise invalid_field("memory_size_bytes", f"{request.memory_size_bytes} exceeds the "
+                                f"VM's max_size_bytes of {mem_max}")
+
+        def update(r: records_pb2.VmRecord) -> None:
+            if request.vcpu_count:
+                r.config.cpu.vcpu_count = request.vcpu_count
+            if request.memory_size_bytes:
+                r.config.memory.size_bytes = request.memory_size_bytes
+
+        state = await self._hotplug(request.vm_id, key,
+                                    agent_pb2.HotplugRequest(resize=request), update)
+        now_cfg = self.ops.get(request.vm_id).record.config
+        return vm_pb2.ResizeVmResponse(success=True, state=state,
+                                       vcpu_count=now_cfg.cpu.vcpu_count,
+                                       memory_size_bytes=now_cfg.memory.size_bytes)
+
+    @api_method
+    async def AttachDisk(self, request: vm_pb2.AttachDiskRequest,
+                         context: grpc.aio.ServicerContext) -> vm_pb2.AttachDiskResponse:
+        record = self.ops.get(request.vm_id).record
+        check_new_device(validation.check_storage, record.config.storage, request.device,
+                         "config.storage", "device", "disk")
+
+        def update(r: records_pb2.VmRecord) -> None:
+            r.config.storage.append(request.device)
+
+        state = await self._hotplug(request.vm_id, "storage.hotplug",
+                                    agent_pb2.HotplugRequest(attach_disk=request.device), update)
+        return vm_pb2.AttachDiskResponse(success=True, state=state)
+
+    @api_method
+    async def DetachDisk(self, request: vm_pb2.DetachDiskRequest,
+                         context: grpc.aio.ServicerContext) -> vm_pb2.DetachDiskResponse:
+        record = self.ops.get(request.vm_id).record
+        if not any(d.id == request.device_id for d in record.config.storage):
+            raise ApiError(grpc.StatusCode.NOT_FOUND,
+                           f"vm {request.vm_id} has no disk {request.device_id!r}")
+
+        def update(r: records_pb2.VmRecord) -> None:
+            remove_by_id(r.config.storage, request.device_id)
+
+        state = await self._hotplug(request.vm_id, "storage.hotplug",
+                                    agent_pb2.HotplugRequest(detach_disk=request.device_id), update)
+        return vm_pb2.DetachDiskResponse(success=True, state=state)
+
+    @api_method
+    async def AttachNetworkInterface(self, request: vm_pb2.AttachNetworkInterfaceRequest,
+                                     context: grpc.aio.ServicerContext
+                                     ) -> vm_pb2.AttachNetworkInterfaceResponse:
+        record = self.ops.get(request.vm_id).record
+        check_new_device(validation.check_network, record.config.network, request.interface,
+                         "config.network", "interface", "interface")
+
+        def update(r: records_pb2.VmRecord) -> None:
+            r.config.network.append(request.interface)
+
+        state = await self._hotplug(request.vm_id, "network.hotplug",
+                                    agent_pb2.HotplugRequest(attach_nic=request.interface), update)
+        return vm_pb2.AttachNetworkInterfaceResponse(success=True, state=state)
+
+    @api_method
+    async def DetachNetworkInterface(self, request: vm_pb2.DetachNetworkInterfaceRequest,
+                                     context: grpc.aio.ServicerContext
+                                     ) -> vm_pb2.DetachNetworkInterfaceResponse:
+        record = self.ops.get(request.vm_id).record
+        if not any(n.id == request.interface_id for n in record.config.network):
+            raise ApiError(grpc.StatusCode.NOT_FOUND,
+                           f"vm {request.vm_id} has no network interface {request.interface_id!r}")
+
+        def update(r: records_pb2.VmRecord) -> None:
+            remove_by_id(r.config.network, request.interface_id)
+
+        state = await self._hotplug(request.vm_id, "network.hotplug",
+                                    agent_pb2.HotplugRequest(detach_nic=request.interface_id),
+                                    update)
+        return vm_pb2.DetachNetworkInterfaceResponse(success=True, state=state)

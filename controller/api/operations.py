@@ -1,0 +1,197 @@
+"""What every VmService RPC shares: error mapping, agent calls, and recording a desired state
+then waiting for the agent to report it."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from controller import validation
+from controller.agent_hub import AgentHub, AgentSession
+from controller.errors import (
+    ApiError,
+    Violation,
+    code_from_name,
+    failed_precondition,
+    invalid,
+    invalid_field,
+    not_found,
+)
+from controller.etcd import EtcdUnavailable
+from controller.fleet import Fleet
+from controller.store import ConflictError, Store, StoredVm
+from controller.telemetry import Telemetry
+from controller.vm_cache import VmCache
+from vmm import features
+from vmm.agent.v1 import agent_pb2
+from vmm.store.v1 import records_pb2
+from vmm.v1 import vm_pb2
+
+S = vm_pb2.VmState
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class VmServiceSettings:
+    # How long an RPC waits for the agent to carry out a change.
+    operation_timeout: float = 30.0
+    # Reserve max_vcpu_count / max_size_bytes for hotplug-ready VMs (else boot size).
+    reserve_hotplug_maximum: bool = True
+    # Backend order when density ties and the request names none.
+    backend_preference: tuple[str, ...] = (features.FIRECRACKER, features.CLOUD_HYPERVISOR,
+                                           features.QEMU)
+    # Seconds added to a shutdown's own timeout before the RPC gives up waiting.
+    shutdown_grace: float = 15.0
+
+
+def api_method(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn the project's exceptions into gRPC statuses; never INTERNAL for a user's mistake."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await handler(self, request, context)
+        except ApiError as err:
+            await context.abort_with_status(err.to_status())
+        except EtcdUnavailable as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unreachable: {err}")
+        except ConflictError as err:
+            await context.abort(grpc.StatusCode.ABORTED, str(err))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def state_name(state: int) -> str:
+    return vm_pb2.VmState.Name(state).removeprefix("VM_STATE_")  # type: ignore[arg-type]
+
+
+def raise_for_reply(reply: agent_pb2.Reply) -> None:
+    """Raise the agent's refusal (bad fields or an error) as the API error it names."""
+    if reply.violations:
+        raise invalid([Violation(v.field, v.description) for v in reply.violations])
+    if reply.error:
+        raise ApiError(code_from_name(reply.error_code), reply.error)
+
+
+class VmOperations:
+    """The controller's view of VMs and their agents: look a VM up, ask its agent, change its
+    desired state and wait until the agent reports it."""
+
+    def __init__(self, store: Store, cache: VmCache, hub: AgentHub, fleet: Fleet,
+                 telemetry: Telemetry, settings: VmServiceSettings) -> None:
+        self.store = store
+        self.cache = cache
+        self.hub = hub
+        self.fleet = fleet
+        self.telemetry = telemetry
+        self.settings = settings
+
+    def get(self, vm_id: str) -> StoredVm:
+        if not vm_id:
+            raise invalid_field("vm_id", "is required")
+        stored = self.cache.get(vm_id)
+        if stored is None:
+            raise not_found(vm_id)
+        return stored
+
+    def current_state(self, record: records_pb2.VmRecord) -> vm_pb2.VmState.ValueType:
+        if not self.fleet.host_connected(record.host_id):
+            return S.VM_STATE_UNKNOWN
+        return record.status.state
+
+    async def call(self, session: AgentSession, request: agent_pb2.Request) -> agent_pb2.Reply:
+        kind = request.WhichOneof("kind")
+        try:
+            with self.telemetry.tracer.start_as_current_span(f"agent.{kind}") as span:
+                span.set_attribute("vmm.host_id", session.host_id)
+                return await session.call(request, self.settings.operation_timeout)
+        except TimeoutError:
+            raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"host {session.host_id} did not answer within "
+                           f"{self.settings.operation_timeout:.0f}s") from None
+
+    async def await_generation(self, record: records_pb2.VmRecord,
+                               timeout: float) -> StoredVm | None:
+        """Wait until the VM's agent reports the record's generation (or the VM is gone).
+        The wait is the agent's operation as the controller sees it: it gets its own span."""
+        generation = record.generation
+        with self.telemetry.tracer.start_as_current_span("agent.apply") as span:
+            span.set_attribute("vmm.vm_id", record.vm_id)
+            span.set_attribute("vmm.host_id", record.host_id)
+            span.set_attribute("vmm.generation", generation)
+            span.set_attribute("vmm.desired_state", state_name(record.desired_state))
+            try:
+                return await self.cache.wait_for(
+                    record.vm_id,
+                    lambda s: s is None or s.record.status.observed_generation >= generation,
+                    timeout)
+            except TimeoutError:
+                span.set_attribute("vmm.timed_out", True)
+        raise ApiError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"vm {record.vm_id}: the desired state (generation {generation}) is recorded, but "
+            f"host {record.host_id} has not reported it within {timeout:.0f}s; it will be "
+            "applied when the host catches up")
+
+    async def transition(self, vm_id: str, verb: str, allowed: set[int], target: int,
+                         feature_key: str, edit: Callable[[records_pb2.VmRecord], None] | None
+                         = None, timeout: float | None = None) -> vm_pb2.VmState.ValueType:
+        stored = self.get(vm_id)
+        record = stored.record
+        if record.deleting:
+            raise failed_precondition(f"cannot {verb} vm {vm_id}: it is being deleted")
+        if not self.fleet.host_connected(record.host_id):
+            await self.fleet.refresh_alive()  # its agent may be on another replica
+        state = self.current_state(record)
+        if state == S.VM_STATE_UNKNOWN:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE,
+                           f"cannot {verb} vm {vm_id}: its host {record.host_id} is not connected")
+        if state not in allowed:
+            raise failed_precondition(f"cannot {verb} vm {vm_id}: it is {state_name(state)}")
+        caps = await self.fleet.capabilities(record.host_id, record.backend)
+        if caps is not None and (msg := validation.required_feature(caps, feature_key)):
+            raise failed_precondition(msg)
+        before = record.status.state
+
+        def change(r: records_pb2.VmRecord) -> None:
+            r.desired_state = target  # type: ignore[assignment]
+            r.generation += 1
+            if edit:
+                edit(r)
+
+        written = await self.store.mutate_vm(vm_id, change)
+        if written is None:
+            raise not_found(vm_id)
+        self.cache.note_write(written)
+        result = await self.await_generation(written.record,
+                                             timeout or self.settings.operation_timeout)
+        if result is None:
+            raise not_found(vm_id)
+        status = result.record.status
+        if status.error and status.observed_generation == written.record.generation:
+            if status.state != S.VM_STATE_FAILED:
+                # Make desired match what runs again; a FAILED VM keeps its failed
+                # generation, which the agent leaves alone until the next request.
+                await self._roll_back(vm_id, written.record.generation, before)
+            raise ApiError(code_from_name(status.error_code or "FAILED_PRECONDITION"),
+                           f"{verb} vm {vm_id} failed: {status.error}")
+        return status.state
+
+    async def _roll_back(self, vm_id: str, generation: int, state: int) -> None:
+        """After a failed operation, make desired match what runs again."""
+
+        def change(r: records_pb2.VmRecord) -> bool:
+            if r.generation != generation:
+                return False
+            r.desired_state = r.status.state or state  # type: ignore[assignment]
+            r.generation += 1
+            return True
+
+        written = await self.store.mutate_vm(vm_id, change)
+        if written is not None:
+            self.cache.note_write(written)

@@ -1,0 +1,1 @@
+"""Code the controller and the agent share: structured logging and settings loading."""

@@ -1,0 +1,1 @@
+"""Benchmarks of the control plane, one module per benchmark; `python -m tools.bench` runs them."""

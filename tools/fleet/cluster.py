@@ -1,0 +1,193 @@
+"""A whole control plane on this machine: real etcd, the controller and agents as separate
+processes. Used by the end-to-end tests and the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from tools.fleet.etcd_server import EtcdServer, free_loopback_port
+from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+GIB = 1 << 30
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05,
+               what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Process:
+    """A project process (controller or agent) with its log file."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
+        self.name, self.argv, self.log, self.env = name, argv, log, env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                         env=self.env, cwd=ROOT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        """Send sig; for a signal that ends the process, wait until it has."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            if sig not in (signal.SIGSTOP, signal.SIGCONT):
+                self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Cluster:
+    def __init__(self, workdir: Path, operation_timeout: float = 20.0) -> None:
+        self.workdir = workdir
+        self.etcd = EtcdServer(workdir / "etcd")
+        self.port = free_loopback_port()
+        self.http_port = free_loopback_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.operation_timeout = operation_timeout
+        self.controller = self._controller_process("controller", self.address,
+                                                   [f"--http-listen=127.0.0.1:{self.http_port}"])
+        self.agents: dict[str, Process] = {}
+        self.replicas: list[Process] = []
+        self.channel: grpc.Channel | None = None
+
+    def _controller_process(self, name: str, address: str, extra: list[str]) -> Process:
+        return Process(name, [
+            sys.executable, "-m", "controller.main", "--listen", address,
+            "--etcd-endpoints", self.etcd.endpoint,
+            "--operation-timeout", str(self.operation_timeout), "--host-lease-ttl", "3",
+            "--identity", name, "--log-level", "debug", *extra],
+            self.workdir / f"{name}.log", self.env)
+
+    def add_controller(self, name: str, extra: list[str] | None = None) -> tuple[Process, str]:
+        """Another controller replica on the same etcd (no HTTP health port)."""
+        address = f"127.0.0.1:{free_loopback_port()}"
+        replica = self._controller_process(name, address, ["--http-listen=", *(extra or [])])
+        replica.start()
+        self.replicas.append(replica)
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=20)
+        return replica, address
+
+    @property
+    def vms(self) -> vm_pb2_grpc.VmServiceStub:
+        assert self.channel is not None
+        return vm_pb2_grpc.VmServiceStub(self.channel)
+
+    @property
+    def hosts(self) -> host_pb2_grpc.HostServiceStub:
+        assert self.channel is not None
+        return host_pb2_grpc.HostServiceStub(self.channel)
+
+    def start(self) -> None:
+        self.etcd.start()
+        self.start_controller()
+        self.channel = grpc.insecure_channel(self.address)
+        grpc.channel_ready_future(self.channel).result(timeout=20)
+
+    def start_controller(self) -> None:
+        self.controller.start()
+
+    def restart_controller(self) -> None:
+        self.controller.stop()
+        self.controller.start()
+
+    def restart_controller_with(self, extra: list[str]) -> None:
+        """Restart the controller with more flags (later flags win)."""
+        self.controller.stop()
+        self.controller.argv += extra
+        self.controller.start()
+        assert self.channel is not None
+        grpc.channel_ready_future(self.channel).result(timeout=20)
+
+    def add_agent(self, host_id: str, vcpus: int = 8, memory: int = 16 * GIB,
+                  backends: str = "firecracker", extra: list[str] | None = None,
+                  env: dict[str, str] | None = None, controller: str = "") -> Process:
+        state = self.workdir / f"agent-{host_id}"
+        agent = Process(f"agent-{host_id}", [
+            sys.executable, "-m", "agent.main", "--controller", controller or self.address,
+            "--host-id", host_id, "--state-dir", str(state), "--backends", backends,
+            "--vcpus", str(vcpus), "--memory-bytes", str(memory),
+            "--cpu-overcommit-ratio", "1.0", "--memory-overcommit-ratio", "1.0",
+            "--heartbeat-interval", "0.5", "--shutdown-timeout", "3", "--log-level", "debug",
+            "--stop-vms-on-exit", "true",
+            *(extra or [])], self.workdir / f"agent-{host_id}.log", {**self.env, **(env or {})})
+        agent.start()
+        self.agents[host_id] = agent
+        self.wait_host_ready(host_id)
+        return agent
+
+    def wait_host_ready(self, host_id: str, timeout: float = 20.0) -> host_pb2.Host:
+        def ready() -> host_pb2.Host | None:
+            try:
+                host = self.hosts.GetHost(host_pb2.GetHostRequest(host_id=host_id)).host
+            except grpc.RpcError:
+                return None
+            return host if host.health == host_pb2.HOST_HEALTH_READY else None
+
+        result = wait_until(ready, timeout, what=f"host {host_id} to be ready")
+        assert isinstance(result, host_pb2.Host)
+        return result
+
+    def logs(self) -> str:
+        parts = [f"--- {p.name} ---\n{p.log_tail()}"
+                 for p in [self.controller, *self.replicas, *self.agents.values()]]
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        for agent in self.agents.values():
+            agent.stop()
+        for replica in self.replicas:
+            replica.stop()
+        self.controller.stop()
+        self.etcd.close()
+        kill_leftover_hypervisors(self.workdir)
+
+
+def kill_leftover_hypervisors(workdir: Path) -> None:
+    """A failed test must not leave hypervisor processes behind."""
+    for runtime_file in workdir.glob("agent-*/vms/*/runtime.json"):
+        try:
+            pid = json.loads(runtime_file.read_text()).get("pid")
+            if isinstance(pid, int):
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,1 @@
+"""API-faithful hypervisor simulators, started exactly like the real binary, where it is absent."""

@@ -1,0 +1,98 @@
+"""cloud-hypervisor-sim's command line, and `main`, the console script's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from tools.simulators.cloud_hypervisor.errors import os_error_text
+from tools.simulators.cloud_hypervisor.http import ApiServer
+from tools.simulators.cloud_hypervisor.vmm import BUILD_VERSION, Vmm
+
+UNPLUG_SECONDS_ENV = "CLOUD_HYPERVISOR_SIM_VCPU_UNPLUG_SECONDS"
+DEFAULT_UNPLUG_SECONDS = 0.2
+
+
+def _socket_path(value: str) -> Path:
+    options = dict(part.split("=", 1) for part in value.split(",") if "=" in part)
+    if "fd" in options:
+        raise SystemExit("cloud-hypervisor-sim: --api-socket fd=N is not supported; "
+                         "use path=PATH")
+    return Path(options.get("path", value))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cloud-hypervisor-sim",
+        description="Cloud Hypervisor v53.0 HTTP API simulator.")
+    parser.add_argument("--api-socket", help="path=<path> (or just <path>)")
+    parser.add_argument("--no-shutdown", action="store_true",
+                        help="do not exit the VMM when the guest shuts down")
+    parser.add_argument("-v", action="count", default=0, help="ignored")
+    parser.add_argument("--log-file", type=Path, help="where to log API requests")
+    parser.add_argument("--seccomp", help="ignored")
+    parser.add_argument("--gdb", help="accepted and ignored: the simulator has no GDB stub")
+    parser.add_argument("-V", "--version", action="store_true")
+    return parser
+
+
+def _socket_in_use(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        print(f"cloud-hypervisor {BUILD_VERSION} (API simulator)")
+        return 0
+    if not args.api_socket:
+        print("cloud-hypervisor-sim: --api-socket is required: the simulator only runs VMs "
+              "defined through the API", file=sys.stderr)
+        return 1
+    socket_path = _socket_path(args.api_socket)
+    if socket_path.exists():
+        if _socket_in_use(socket_path):
+            print(f"cloud-hypervisor-sim: API socket {socket_path} is in use by another "
+                  "instance", file=sys.stderr)
+            return 1
+        socket_path.unlink()  # stale, left by a crash
+    unplug_seconds = float(os.environ.get(UNPLUG_SECONDS_ENV, DEFAULT_UNPLUG_SECONDS))
+    try:
+        server = ApiServer(
+            socket_path,
+            lambda srv: Vmm(args.no_shutdown, unplug_seconds, srv.request_exit),
+            args.log_file)
+    except OSError as e:
+        print(f"cloud-hypervisor-sim: cannot serve the API on {socket_path}: "
+              f"{os_error_text(e)}", file=sys.stderr)
+        return 1
+
+    def on_signal(signum: int, frame: object) -> None:
+        server.request_exit()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True, name="http-server").start()
+    while not server.exit_requested.wait(0.5):
+        pass
+    with server.vmm.lock:
+        server.vmm.vm_delete()
+    try:
+        socket_path.unlink()
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    return 0

@@ -1,0 +1,96 @@
+"""vmmctl: the command-line client of the vmm-control-plane API.
+
+Each command is one RPC of vmm.v1.VmService or vmm.v1.HostService. Output is
+a table for people or, with `-o json`, the response message in protobuf's JSON
+mapping with the .proto's field names, for scripts.
+
+Exit codes: 0 success; 1 the server refused or failed the request; 2 bad usage
+or a bad config file; 3 the controller could not be reached.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tools.vmmctl import console, hosts, hotplug, vms
+from tools.vmmctl.connection import DEFAULT_SERVER, OutputFormat, Settings
+from tools.vmmctl.exit_codes import (
+    EXIT_INTERRUPTED,
+    EXIT_SERVER_ERROR,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_SERVER_ERROR", "EXIT_UNREACHABLE", "EXIT_USAGE", "app",
+           "main"]
+
+
+app = typer.Typer(
+    name="vmmctl",
+    help="Manage microVMs and hosts of a vmm-control-plane fleet.",
+    no_args_is_help=True,
+    add_completion=False,
+    # A traceback must never print the token among a frame's locals.
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    server: Annotated[str, typer.Option(
+        "--server", "-s", envvar="VMM_SERVER", help="Controller address, host:port.",
+    )] = DEFAULT_SERVER,
+    output: Annotated[OutputFormat, typer.Option(
+        "--output", "-o", case_sensitive=False, help="table for people, json for scripts.",
+    )] = OutputFormat.table,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=0.1, help="Deadline of each call, in seconds.",
+    )] = 30.0,
+    token: Annotated[str | None, typer.Option(
+        "--token", envvar="VMM_TOKEN", show_default=False,
+        help="Bearer token sent in the authorization metadata.",
+    )] = None,
+    ca_cert: Annotated[Path | None, typer.Option(
+        "--ca-cert", envvar="VMM_CA_CERT", show_default=False,
+        help="PEM CA bundle; connects with TLS when given.",
+    )] = None,
+) -> None:
+    ctx.obj = Settings(server=server, output=output, timeout=timeout, token=token or None,
+                       ca_cert=ca_cert)
+
+
+app.command()(vms.create)
+app.command()(vms.get)
+app.command("list")(vms.list_vms)
+app.command()(vms.boot)
+app.command()(vms.pause)
+app.command()(vms.resume)
+app.command()(vms.reboot)
+app.command()(vms.shutdown)
+app.command()(vms.delete)
+app.command()(vms.watch)
+app.command()(hotplug.resize)
+app.command("attach-disk")(hotplug.attach_disk)
+app.command("detach-disk")(hotplug.detach_disk)
+app.command("attach-nic")(hotplug.attach_nic)
+app.command("detach-nic")(hotplug.detach_nic)
+app.command()(console.console)
+app.command()(hosts.hosts)
+app.command()(hosts.host)
+app.command()(hosts.backends)
+
+
+def main() -> None:
+    try:
+        app(prog_name="vmmctl")
+    except BrokenPipeError:
+        # The reader (head, less) went away; say nothing more to it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_SERVER_ERROR)
