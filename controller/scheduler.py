@@ -59,6 +59,17 @@ class Choice:
     host: HostView
     backend: host_pb2.Backend
     fit: BackendFit
+    # What the VM holds on the host under this backend.
+    demand: Demand
+
+
+@dataclass(frozen=True)
+class Room:
+    """A host's free capacity, as RESOURCE_EXHAUSTED reports it."""
+
+    host_id: str
+    free_vcpus: int
+    free_memory: int
 
 
 @dataclass
@@ -70,6 +81,10 @@ class NoPlacement:
     # Hosts that could run the config but lack room, with their free capacity.
     full_hosts: list[HostView] = field(default_factory=list)
     offered_backends: set[str] = field(default_factory=set)
+    # The host with the most free memory (then vCPUs) among those that could run it.
+    roomiest: Room | None = None
+    # What was asked: the named backend's demand, else the boot size.
+    demand: Demand = Demand(0, 0)
 
 
 def demand_for(config: vm_pb2.VmConfig, reserve_max: bool) -> Demand:
@@ -113,7 +128,7 @@ def place(config: vm_pb2.VmConfig, hosts: list[HostView], backend: str = "",
                 continue
             rank = preference.index(name) if name in preference else len(preference)
             candidates.append((host.utilisation_after(need.vcpus, need.memory),
-                               (offered.simulated, rank), Choice(host, offered, fit)))
+                               (offered.simulated, rank), Choice(host, offered, fit, need)))
     if not candidates:
         if any(f.ok for f in fits.values()):
             why.backend_violations.clear()

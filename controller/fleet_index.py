@@ -1,0 +1,318 @@
+"""The schedulable fleet, indexed for exact best-fit placement.
+
+Hosts are grouped by what their backend declares (its *class*: hosts with identical
+declarations share one feasibility verdict per decision) and by allocatable size. Inside a
+group the densest host that fits is the one with the least weighted free capacity, found by
+walking buckets of free vCPUs from the smallest that fits, each bucket sorted by free memory,
+and stopping once no later bucket can win. A decision costs a few bisections per group
+however many hosts are full; nothing here does I/O.
+
+Capacity held by placements that are being committed ("assumed") counts as used until the
+commit lands or fails, so concurrent decisions do not hand out the same room twice.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from controller.scheduler import Choice, Demand, HostView, NoPlacement, Room, demand_for
+from controller.validation import BackendFit, check_backend
+from vmm import features
+from vmm.v1 import host_pb2, vm_pb2
+
+
+@dataclass(frozen=True)
+class BackendClass:
+    """One distinct backend declaration (name, simulated, capabilities) in the fleet."""
+
+    backend: host_pb2.Backend
+    # The declaration's deterministic encoding: what makes two classes one.
+    key: bytes
+    # Honours max_vcpu_count, so a hotplug-ready VM reserves its maximum there.
+    honours_max_vcpus: bool
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def demand(self, config: vm_pb2.VmConfig, reserve_max: bool) -> Demand:
+        return demand_for(config, reserve_max and self.honours_max_vcpus)
+
+
+def backend_class(backend: host_pb2.Backend) -> BackendClass:
+    honours = features.support_of(backend.capabilities,
+                                  "cpu.max_vcpu_count").support == host_pb2.SUPPORT_FULL
+    return BackendClass(backend, backend.SerializeToString(deterministic=True), honours)
+
+
+def density_score(host: HostView, free_vcpus: int, free_memory: int, need: Demand) -> Fraction:
+    """Twice the mean of CPU and memory utilisation once the VM is placed, exactly."""
+    return (Fraction(host.allocatable_vcpus - free_vcpus + need.vcpus,
+                     max(host.allocatable_vcpus, 1))
+            + Fraction(host.allocatable_memory - free_memory + need.memory,
+                       max(host.allocatable_memory, 1)))
+
+
+class ShapeGroup:
+    """Ready hosts of one backend class and one allocatable size.
+
+    buckets[free_vcpus] is sorted by (free_memory, host_id); keys lists the non-empty
+    buckets in order. Within the group, higher utilisation after placement means a smaller
+    weight M * free_vcpus + C * free_memory, which integers compare exactly.
+    """
+
+    __slots__ = ("buckets", "class_id", "keys", "memory", "vcpus")
+
+    def __init__(self, class_id: int, vcpus: int, memory: int) -> None:
+        self.class_id = class_id
+        self.vcpus = max(vcpus, 1)
+        self.memory = max(memory, 1)
+        self.keys: list[int] = []
+        self.buckets: dict[int, list[tuple[int, str]]] = {}
+
+    def add(self, free_vcpus: int, free_memory: int, host_id: str) -> None:
+        bucket = self.buckets.get(free_vcpus)
+        if bucket is None:
+            bucket = self.buckets[free_vcpus] = []
+            bisect.insort(self.keys, free_vcpus)
+        bisect.insort(bucket, (free_memory, host_id))
+
+    def discard(self, free_vcpus: int, free_memory: int, host_id: str) -> None:
+        bucket = self.buckets[free_vcpus]
+        del bucket[bisect.bisect_left(bucket, (free_memory, host_id))]
+        if not bucket:
+            del self.buckets[free_vcpus]
+            del self.keys[bisect.bisect_left(self.keys, free_vcpus)]
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def best_fit(self, need: Demand) -> tuple[int, int, str] | None:
+        """(free_vcpus, free_memory, host_id) of the densest host with room for need."""
+        best: tuple[int, str] | None = None
+        best_slot: tuple[int, int, str] | None = None
+        keys = self.keys
+        for i in range(bisect.bisect_left(keys, need.vcpus), len(keys)):
+            free_vcpus = keys[i]
+            if best is not None and self.memory * free_vcpus + self.vcpus * need.memory > best[0]:
+                break  # every later bucket weighs more, even at the least memory that fits
+            bucket = self.buckets[free_vcpus]
+            j = bisect.bisect_left(bucket, (need.memory, ""))
+            if j == len(bucket):
+                continue
+            free_memory, host_id = bucket[j]
+            weight = (self.memory * free_vcpus + self.vcpus * free_memory, host_id)
+            if best is None or weight < best:
+                best, best_slot = weight, (free_vcpus, free_memory, host_id)
+        return best_slot
+
+    def roomiest(self) -> tuple[int, int, str] | None:
+        """(free_memory, free_vcpus, host_id) of the host with the most free memory, then
+        vCPUs, then the smallest id."""
+        best: tuple[int, int, str] | None = None
+        for free_vcpus in self.keys:
+            bucket = self.buckets[free_vcpus]
+            free_memory = bucket[-1][0]
+            host_id = bucket[bisect.bisect_left(bucket, (free_memory, ""))][1]
+            if (best is None or (free_memory, free_vcpus) > best[:2]
+                    or ((free_memory, free_vcpus) == best[:2] and host_id < best[2])):
+                best = (free_memory, free_vcpus, host_id)
+        return best
+
+
+@dataclass
+class _Entry:
+    view: HostView
+    class_ids: tuple[int, ...]
+    reserved_vcpus: int = 0
+    reserved_memory: int = 0
+    # (free_vcpus, free_memory) under which the host sits in its groups; None if absent.
+    slot: tuple[int, int] | None = None
+
+    @property
+    def free(self) -> tuple[int, int]:
+        return (self.view.free_vcpus - self.reserved_vcpus,
+                self.view.free_memory - self.reserved_memory)
+
+
+@dataclass
+class _Candidate:
+    order: tuple[Fraction, bool, int, str]
+    choice: Choice = field(compare=False)
+
+
+class FleetIndex:
+    """Hosts by class and shape, kept current by the caller; answers place() from memory."""
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, _Entry] = {}
+        self._class_ids: dict[bytes, int] = {}
+        self._classes: list[BackendClass] = []
+        self._groups: dict[tuple[int, int, int], ShapeGroup] = {}
+        # class id -> its groups (ready hosts of every size).
+        self._groups_of: dict[int, list[ShapeGroup]] = {}
+        # class id -> ready hosts offering it.
+        self._ready_count: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+    def get(self, host_id: str) -> HostView | None:
+        entry = self._hosts.get(host_id)
+        return entry.view if entry else None
+
+    def views(self) -> Iterable[HostView]:
+        return (entry.view for entry in self._hosts.values())
+
+    def classes(self) -> list[BackendClass]:
+        return list(self._classes)
+
+    # ---- keeping it current ----------------------------------------------------------
+
+    def upsert(self, view: HostView) -> None:
+        """Add a host or replace what is known of it (record, allocation, readiness)."""
+        entry = self._hosts.get(view.host_id)
+        if entry is not None:
+            self._unslot(entry)
+            entry.view = view
+            entry.class_ids = self._class_ids_of(view)
+        else:
+            entry = self._hosts[view.host_id] = _Entry(view, self._class_ids_of(view))
+        self._slot(entry)
+
+    def remove(self, host_id: str) -> None:
+        entry = self._hosts.pop(host_id, None)
+        if entry is not None:
+            self._unslot(entry)
+
+    def reserve(self, host_id: str, demand: Demand, sign: int = 1) -> None:
+        """Count demand as used on the host until unreserve(); a commit in flight."""
+        entry = self._hosts.get(host_id)
+        if entry is None:
+            return
+        self._unslot(entry)
+        entry.reserved_vcpus += sign * demand.vcpus
+        entry.reserved_memory += sign * demand.memory
+        self._slot(entry)
+
+    def unreserve(self, host_id: str, demand: Demand) -> None:
+        self.reserve(host_id, demand, sign=-1)
+
+    def _class_ids_of(self, view: HostView) -> tuple[int, ...]:
+        ids = []
+        for backend in view.backends.values():
+            cls = backend_class(backend)
+            class_id = self._class_ids.get(cls.key)
+            if class_id is None:
+                class_id = self._class_ids[cls.key] = len(self._classes)
+                self._classes.append(cls)
+                self._groups_of[class_id] = []
+                self._ready_count[class_id] = 0
+            ids.append(class_id)
+        return tuple(ids)
+
+    def _group(self, class_id: int, view: HostView) -> ShapeGroup:
+        key = (class_id, view.allocatable_vcpus, view.allocatable_memory)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = ShapeGroup(class_id, *key[1:])
+            self._groups_of[class_id].append(group)
+        return group
+
+    def _slot(self, entry: _Entry) -> None:
+        if not entry.view.ready:
+            return
+        entry.slot = entry.free
+        for class_id in entry.class_ids:
+            self._group(class_id, entry.view).add(*entry.slot, entry.view.host_id)
+            self._ready_count[class_id] += 1
+
+    def _unslot(self, entry: _Entry) -> None:
+        if entry.slot is None:
+            return
+        for class_id in entry.class_ids:
+            self._group(class_id, entry.view).discard(*entry.slot, entry.view.host_id)
+            self._ready_count[class_id] -= 1
+        entry.slot = None
+
+    # ---- deciding ----------------------------------------------------------------------
+
+    def place(self, config: vm_pb2.VmConfig, backend: str = "", host_id: str = "",
+              preference: tuple[str, ...] = (), reserve_max: bool = True
+              ) -> Choice | NoPlacement:
+        """The densest (host, backend) with room for the config, or why there is none.
+
+        Ties go to a real hypervisor before a simulator, then to the preferred backend, then
+        to the smallest host id. Unless the caller names a backend, one that honours every
+        field the config sets wins over one that would ignore some.
+        """
+        why = NoPlacement(demand=demand_for(config, False))
+        named = self._hosts.get(host_id) if host_id else None
+        if host_id and (named is None or named.slot is None):
+            return why
+        verdicts: dict[int, BackendFit] = {}
+        # Per backend name, the refusing class with the smallest key speaks for it.
+        refusals: dict[str, tuple[bytes, BackendFit]] = {}
+        candidates: list[_Candidate] = []
+        class_ids = named.class_ids if named else range(len(self._classes))
+        for class_id in class_ids:
+            cls = self._classes[class_id]
+            if (backend and cls.name != backend) or not self._ready_count[class_id]:
+                continue
+            why.offered_backends.add(cls.name)
+            fit = verdicts[class_id] = check_backend(config, cls.backend.capabilities)
+            if not fit.ok:
+                if cls.name not in refusals or cls.key < refusals[cls.name][0]:
+                    refusals[cls.name] = (cls.key, fit)
+                continue
+            need = cls.demand(config, reserve_max)
+            rank = preference.index(cls.name) if cls.name in preference else len(preference)
+            for hit in self._hits(class_id, need, named):
+                host = self._hosts[hit[2]].view
+                candidates.append(_Candidate(
+                    (-density_score(host, hit[0], hit[1], need), cls.backend.simulated, rank,
+                     host.host_id),
+                    Choice(host, cls.backend, fit, need)))
+        if candidates:
+            if not backend and any(not c.choice.fit.warnings for c in candidates):
+                candidates = [c for c in candidates if not c.choice.fit.warnings]
+            return min(candidates, key=lambda c: c.order).choice
+        ok = [cid for cid, fit in verdicts.items() if fit.ok]
+        if not ok:
+            why.backend_violations = {name: fit.violations for name, (_, fit) in refusals.items()}
+        why.roomiest = self._roomiest(ok, named)
+        asked = min((self._classes[cid] for cid in ok if self._classes[cid].name == backend),
+                    key=lambda cls: cls.key, default=None)
+        if asked:
+            why.demand = asked.demand(config, reserve_max)
+        return why
+
+    def _hits(self, class_id: int, need: Demand,
+              named: _Entry | None) -> Iterable[tuple[int, int, str]]:
+        if named is not None:
+            free_vcpus, free_memory = named.free
+            if free_vcpus >= need.vcpus and free_memory >= need.memory:
+                yield free_vcpus, free_memory, named.view.host_id
+            return
+        for group in self._groups_of[class_id]:
+            if group:
+                hit = group.best_fit(need)
+                if hit is not None:
+                    yield hit
+
+    def _roomiest(self, class_ids: list[int], named: _Entry | None) -> Room | None:
+        if not class_ids:
+            return None
+        if named is not None:
+            return Room(named.view.host_id, *named.free)
+        best: tuple[int, int, str] | None = None
+        for class_id in class_ids:
+            for group in self._groups_of[class_id]:
+                top = group.roomiest() if group else None
+                if top is not None and (best is None or top[:2] > best[:2]
+                                        or (top[:2] == best[:2] and top[2] < best[2])):
+                    best = top
+        return Room(best[2], best[1], best[0]) if best else None
