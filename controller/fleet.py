@@ -83,6 +83,15 @@ class Fleet:
         return [self.host_message(r, allocations.get(r.host_id), r.host_id in alive)
                 for r in records]
 
+    async def hosts_page(self, after: str, limit: int) -> tuple[list[host_pb2.Host], int]:
+        """Hosts with an id above `after`, in id order, at most `limit`; and how many there are."""
+        records = sorted(await self.store.list_hosts(), key=lambda r: r.host_id)
+        allocations = await self.store.list_allocations()
+        alive = await self.refresh_alive()
+        page = [r for r in records if r.host_id > after][:limit]
+        return ([self.host_message(r, allocations.get(r.host_id), r.host_id in alive)
+                 for r in page], len(records))
+
     def host_message(self, record: records_pb2.HostRecord, alloc: StoredAllocation | None,
                      alive: bool) -> host_pb2.Host:
         session = self.hub.host_of(record.host_id)

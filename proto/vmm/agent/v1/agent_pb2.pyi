@@ -258,6 +258,7 @@ class ConnectResponse(_message.Message):
     DESIRED_VM_FIELD_NUMBER: _builtins.int
     REMOVE_VM_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_SETTINGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def desired_state(self) -> Global___DesiredState:
         """The complete desired set for this host; VMs not in it are removed."""
@@ -272,6 +273,10 @@ class ConnectResponse(_message.Message):
 
     @_builtins.property
     def request(self) -> Global___Request: ...
+    @_builtins.property
+    def heartbeat_settings(self) -> Global___HeartbeatSettings:
+        """How often to heartbeat; sent after registration and whenever it changes."""
+
     def __init__(
         self,
         *,
@@ -279,16 +284,44 @@ class ConnectResponse(_message.Message):
         desired_vm: Global___DesiredVm | None = ...,
         remove_vm: Global___RemoveVm | None = ...,
         request: Global___Request | None = ...,
+        heartbeat_settings: Global___HeartbeatSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["desired_state", b"desired_state", "desired_vm", b"desired_vm", "message", b"message", "remove_vm", b"remove_vm", "request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["desired_state", b"desired_state", "desired_vm", b"desired_vm", "heartbeat_settings", b"heartbeat_settings", "message", b"message", "remove_vm", b"remove_vm", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired_state", b"desired_state", "desired_vm", b"desired_vm", "message", b"message", "remove_vm", b"remove_vm", "request", b"request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired_state", b"desired_state", "desired_vm", b"desired_vm", "heartbeat_settings", b"heartbeat_settings", "message", b"message", "remove_vm", b"remove_vm", "request", b"request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["desired_state", "desired_vm", "remove_vm", "request"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["desired_state", "desired_vm", "remove_vm", "request", "heartbeat_settings"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class HeartbeatSettings(_message.Message):
+    """The controller stretches the interval as its fleet grows, so the total heartbeat rate it
+    handles stays bounded.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    interval_seconds: _builtins.float
+    timeout_seconds: _builtins.float
+    """A host silent for this long is DEGRADED and gets no new VMs."""
+    def __init__(
+        self,
+        *,
+        interval_seconds: _builtins.float = ...,
+        timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_seconds", b"interval_seconds", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatSettings: _TypeAlias = HeartbeatSettings  # noqa: Y015
 
 @_typing.final
 class DesiredState(_message.Message):
