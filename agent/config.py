@@ -27,7 +27,16 @@ class AgentConfig:
     memory_bytes: int = 0
     cpu_overcommit_ratio: float = 4.0
     memory_overcommit_ratio: float = 1.0
+    # Seconds between heartbeats until the controller sends its own setting.
     heartbeat_interval: float = 2.0
+    # Per-VM metrics: seconds between samples of each VM, and how many VMs are sampled at
+    # once. Heartbeats carry a VM's metrics only when they were sampled since the last beat.
+    metrics_interval: float = 10.0
+    metrics_concurrency: int = 32
+    # host:port of the agent's Prometheus endpoint (GET /metrics); empty serves none.
+    metrics_listen: str = "127.0.0.1:9464"
+    # Longest wait between attempts to reach the controller (jittered exponential backoff).
+    reconnect_backoff_max: float = 30.0
     # Bearer token for the controller, and TLS: the CA that signed the controller's
     # certificate, and this agent's own certificate and key for mutual TLS.
     token: str = ""

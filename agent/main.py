@@ -1,14 +1,17 @@
-"""The agent process: adopt what runs, connect to the controller, reconcile."""
+"""The agent process: adopt what runs, connect to the controller, reconcile, sample VM
+metrics and serve them to Prometheus."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 
 from agent import config as config_module
 from agent.config import AgentConfig
+from agent.metrics import AgentTelemetry, MetricsSampler, serve_metrics
 from agent.reconciler import Reconciler
 from agent.runtimes import RUNTIME_CLASSES, detect_runtimes
 from agent.runtimes.base import Runtime, RuntimeSettings
@@ -38,7 +41,11 @@ class Agent:
         settings = RuntimeSettings(default_shutdown_timeout=config.shutdown_timeout,
                                    boot_timeout=config.boot_timeout)
         self.reconciler = Reconciler(self.state, self.runtimes, self._report, settings)
-        self.session = ControllerSession(config, self.reconciler, self.runtimes)
+        self.sampler = MetricsSampler(self.reconciler, config.metrics_interval,
+                                      config.metrics_concurrency)
+        self.telemetry = AgentTelemetry(self.reconciler, self.sampler, config.host_id)
+        self.session = ControllerSession(config, self.reconciler, self.runtimes,
+                                         self.sampler, self.telemetry)
 
     def _report(self, status: object) -> None:
         self.session.report(status)  # type: ignore[arg-type]
@@ -52,11 +59,15 @@ class Agent:
         adopted = await self.reconciler.adopt_all()
         log.info("adopted %d VMs from %s", len(adopted), self.state.root)
         self.reconciler.start_monitor()
-        session = asyncio.create_task(self.session.run_forever(), name="controller-session")
-        await stop.wait()
-        session.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await session
+        self.sampler.start()
+        async with serve_metrics(self.telemetry, self.config.metrics_listen):
+            session = asyncio.create_task(self.session.run_forever(),
+                                          name="controller-session")
+            await stop.wait()
+            session.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await session
+        await self.sampler.stop()
         if self.config.stop_vms_on_exit:
             log.info("stopping every VM before exit")
             await self.reconciler.stop_all()
@@ -71,9 +82,22 @@ async def serve(config: AgentConfig) -> None:
     await Agent(config).run(stop)
 
 
+def raise_open_files_limit() -> None:
+    """Every VM holds open files in the agent (its kept API connection, console relays):
+    allow as many as the hard limit does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> None:
     config = config_module.load(argv)
     setup_logging(config.log_level, "agent")
+    if config.log_level.lower() != "debug":
+        # One line per hypervisor API request (metrics samples included) is debug detail.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    raise_open_files_limit()
     asyncio.run(serve(config))
 
 

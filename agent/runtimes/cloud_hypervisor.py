@@ -31,6 +31,7 @@ from typing import Any, cast
 from google.protobuf import json_format
 
 from agent import process
+from agent.hypervisors.clients import METRICS_TIMEOUT, ClientCache
 from agent.hypervisors.cloud_hypervisor_api import (
     CloudHypervisorApi,
     CloudHypervisorApiError,
@@ -168,6 +169,9 @@ class CloudHypervisorRuntime(Runtime):
         super().__init__(binary, simulated, settings)
         # The last (monotonic time, CPU seconds) per VM, for cpu_usage_percent.
         self._cpu_samples: dict[Path, tuple[float, float]] = {}
+        # One keep-alive API client per VM for vm.counters.
+        self._metrics_clients: ClientCache[CloudHypervisorApi] = ClientCache(
+            functools.partial(CloudHypervisorApi, timeout=METRICS_TIMEOUT))
 
     @classmethod
     def detect(cls, settings: RuntimeSettings) -> CloudHypervisorRuntime | None:
@@ -293,6 +297,7 @@ class CloudHypervisorRuntime(Runtime):
         vm.api_socket.unlink(missing_ok=True)
         vm.clear_runtime()
         self._cpu_samples.pop(vm.path, None)
+        await self._metrics_clients.discard(vm.api_socket)
 
     async def _stop_vmm(self, vm: VmDir, ref: ProcessRef) -> None:
         """vm.delete and vmm.shutdown, then SIGKILL if the VMM is still there."""
@@ -336,14 +341,18 @@ class CloudHypervisorRuntime(Runtime):
     async def metrics(self, vm: VmDir) -> vm_pb2.VmMetrics:
         ref = self.live_process(vm)
         if ref is None:
+            await self._metrics_clients.discard(vm.api_socket)
             return vm_pb2.VmMetrics()
         result = vm_pb2.VmMetrics(memory_usage_bytes=process.rss_bytes(ref),
                                   cpu_usage_percent=self._cpu_percent(vm, ref))
+        api = await self._metrics_clients.get(vm.api_socket, ref.pid)
         try:
-            async with self._api(vm) as api:
-                counters = await api.vm_counters()
+            counters = await api.vm_counters()
         except CloudHypervisorApiError:
             return result  # not booted: no devices to count
+        except BaseException:
+            await self._metrics_clients.discard(vm.api_socket)
+            raise
         for device in counters.values():
             result.storage_stats.bytes_read += device.get("read_bytes", 0)
             result.storage_stats.bytes_written += device.get("write_bytes", 0)

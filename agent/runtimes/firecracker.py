@@ -32,9 +32,11 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from agent import process
+from agent.hypervisors.clients import METRICS_TIMEOUT, ClientCache
 from agent.hypervisors.firecracker_api import (
     BootSource,
     Drive,
@@ -324,6 +326,9 @@ class FirecrackerRuntime(Runtime):
         self.command: tuple[str, ...] = tuple(command) if command else (binary,)
         self._version: str | None = None
         self._samples: dict[Path, _VmSamples] = {}
+        # One keep-alive API client per VM for FlushMetrics.
+        self._metrics_clients: ClientCache[FirecrackerApi] = ClientCache(
+            partial(FirecrackerApi, timeout=METRICS_TIMEOUT))
 
     # ---- discovery and declarations -------------------------------------------------
 
@@ -418,6 +423,7 @@ class FirecrackerRuntime(Runtime):
             self._record(vm, ref, stopped_at=time.time())
         vm.api_socket.unlink(missing_ok=True)
         self._samples.pop(vm.path, None)
+        await self._metrics_clients.discard(vm.api_socket)
 
     async def reboot(self, vm: VmDir, desired: agent_pb2.DesiredVm, force: bool) -> None:
         timeout = desired.shutdown.timeout_seconds or self.settings.default_shutdown_timeout
@@ -427,6 +433,7 @@ class FirecrackerRuntime(Runtime):
     async def destroy(self, vm: VmDir) -> None:
         await super().destroy(vm)
         self._samples.pop(vm.path, None)
+        await self._metrics_clients.discard(vm.api_socket)
 
     async def observe(self, vm: VmDir) -> Observation:
         data = vm.load_runtime()
@@ -458,12 +465,17 @@ class FirecrackerRuntime(Runtime):
         data = vm.load_runtime()
         ref = ProcessRef.from_dict(data)
         if ref is None or not process.is_alive(ref):
+            await self._metrics_clients.discard(vm.api_socket)
             return vm_pb2.VmMetrics()
         booted_at = data.get("booted_at")
         if isinstance(booted_at, int | float):
             # Firecracker refuses FlushMetrics before the guest starts.
-            async with self._api(vm) as api:
+            api = await self._metrics_clients.get(vm.api_socket, ref.pid)
+            try:
                 await api.flush_metrics()
+            except BaseException:
+                await self._metrics_clients.discard(vm.api_socket)
+                raise
         samples = self._samples.get(vm.path)
         if samples is None or samples.pid != ref.pid:
             # No earlier reading of this process: average since it started.
