@@ -2,6 +2,14 @@
 
 Desired state flows down from the VM cache (so writes from any controller replica
 reach the host); observed state flows up and is written to the VM records.
+
+Liveness costs etcd nothing per heartbeat: heartbeats are kept in memory, and the alive
+keys of all the hosts connected to this replica sit on the replica's one lease
+(`controller.liveness.ReplicaLease`), written when a host registers and deleted when its
+session closes. The heartbeat interval each agent is told stretches with the number of
+hosts connected here (`HeartbeatPolicy`), and registrations run at most
+`max_concurrent_registrations` at a time, so a reconnect storm queues instead of
+swamping etcd.
 """
 
 from __future__ import annotations
@@ -11,11 +19,13 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from controller.etcd import EtcdUnavailable
+from controller.etcd import EtcdError, EtcdUnavailable, LeaseNotFound
+from controller.liveness import HeartbeatPolicy, ReplicaLease
 from controller.store import Store, now
 from controller.telemetry import Telemetry
 from controller.vm_cache import VmCache, VmChange
@@ -53,6 +63,22 @@ def durable_status(status: agent_pb2.VmStatus) -> agent_pb2.VmStatus:
     return kept
 
 
+def same_status(record: records_pb2.VmRecord, status: agent_pb2.VmStatus) -> bool:
+    """Whether the record already holds the durable part of the status."""
+    return all(getattr(record.status, f) == getattr(status, f) for f in _DURABLE_STATUS_FIELDS) \
+        and dict(record.status.backend_info) == dict(status.backend_info)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Consume a stream task's outcome: a broken stream is not an unhandled error."""
+    if not task.cancelled():
+        task.exception()
+
+
+class Superseded(Exception):
+    """A newer stream of the same host registered while this one was registering."""
+
+
 class AgentSession:
     """One connected agent."""
 
@@ -67,6 +93,10 @@ class AgentSession:
         self.health_detail = ""
         self.metrics = host_pb2.HostMetrics()
         self.vm_metrics: dict[str, vm_pb2.VmMetrics] = {}
+        # Whether the hub last saw it silent past the heartbeat timeout.
+        self.silent = False
+        # The etcd revision that wrote this session's alive key (0 before registration).
+        self.alive_revision = 0
         self._ids = itertools.count(1)
 
     def send(self, message: agent_pb2.ConnectResponse) -> None:
@@ -101,7 +131,10 @@ class AgentSession:
 
 class AgentHub(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, store: Store, cache: VmCache, telemetry: Telemetry,
-                 host_lease_ttl: int = 10) -> None:
+                 host_lease_ttl: int = 10, *, heartbeat_interval: float = 2.0,
+                 heartbeat_timeout: float = 15.0, max_heartbeat_rate: float = 1000.0,
+                 max_concurrent_registrations: int = 64,
+                 on_host_change: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.cache = cache
         self.telemetry = telemetry
@@ -109,17 +142,120 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         self.sessions: dict[str, AgentSession] = {}
         # host id -> time.monotonic() of its last disconnect from this controller.
         self.departed: dict[str, float] = {}
+        # Called with a host id when its session opens or closes or its health changes.
+        self.on_host_change = on_host_change
+        self.lease = ReplicaLease(store.etcd, host_lease_ttl, self._restore_alive)
+        self.heartbeats = HeartbeatPolicy(heartbeat_interval, heartbeat_timeout,
+                                          max_heartbeat_rate)
+        self._registrations = asyncio.Semaphore(max(1, max_concurrent_registrations))
+        # The sessions, least recently heard from first.
+        self._by_beat: OrderedDict[str, AgentSession] = OrderedDict()
         self._dispatcher: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._status_locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        await self.lease.start()
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="desired-dispatch")
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="heartbeat-sweep")
 
     async def stop(self) -> None:
-        if self._dispatcher:
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
+        for task in (self._dispatcher, self._sweeper):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.lease.stop()
+
+    # ---- liveness ---------------------------------------------------------------------
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """The interval the agents connected here are asked to heartbeat at."""
+        return self.heartbeats.interval
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        """How long a connected host may be silent before it counts as DEGRADED (stretched
+        with the interval as the fleet on this replica grows)."""
+        return self.heartbeats.timeout()
+
+    def health_of(self, session: AgentSession) -> tuple[host_pb2.HostHealth.ValueType, str]:
+        """The host's health as placement should see it: what the agent reports, or
+        DEGRADED once it has been silent past the heartbeat timeout."""
+        silent = time.time() - session.last_heartbeat
+        if silent > self.heartbeat_timeout:
+            return host_pb2.HOST_HEALTH_DEGRADED, f"no heartbeat for {silent:.0f}s"
+        return session.health, session.health_detail
+
+    def heartbeat_settings(self) -> agent_pb2.ConnectResponse:
+        return agent_pb2.ConnectResponse(heartbeat_settings=agent_pb2.HeartbeatSettings(
+            interval_seconds=self.heartbeats.interval,
+            timeout_seconds=self.heartbeats.advertised_timeout))
+
+    def _retune(self) -> bool:
+        """Stretch or shrink the heartbeat interval with the hosts connected here; tell every
+        agent when it changed by more than the hysteresis (amortised O(1) per session)."""
+        if not self.heartbeats.update(len(self.sessions)):
+            return False
+        log.info("heartbeat interval now %.1fs, timeout %.1fs (%d hosts)",
+                 self.heartbeats.interval, self.heartbeats.advertised_timeout,
+                 len(self.sessions))
+        settings = self.heartbeat_settings()
+        for session in self.sessions.values():
+            session.send(settings)
+        return True
+
+    def _notify(self, host_id: str) -> None:
+        if self.on_host_change is None:
+            return
+        try:
+            self.on_host_change(host_id)
+        except Exception:
+            log.exception("on_host_change(%s) failed", host_id)
+
+    async def _sweep_forever(self) -> None:
+        """Mark hosts silent past the timeout; looks only at the least recently heard."""
+        while True:
+            await asyncio.sleep(min(1.0, self.heartbeat_timeout / 4))
+            self.sweep()
+
+    def sweep(self) -> None:
+        deadline = time.time() - self.heartbeat_timeout
+        for session in list(self._by_beat.values()):
+            if session.last_heartbeat >= deadline:
+                break
+            if not session.silent:
+                session.silent = True
+                log.warning("host %s silent for %.0fs", session.host_id,
+                            time.time() - session.last_heartbeat)
+                self._notify(session.host_id)
+
+    async def _restore_alive(self, lease_id: int) -> None:
+        """After the replica's lease was re-granted: put back the alive keys of the hosts
+        still connected here (their old keys went with the old lease)."""
+        async def restore(host_id: str, session: AgentSession) -> None:
+            async with self._registrations:
+                if self.sessions.get(host_id) is not session or \
+                        not self.lease.is_current(lease_id):
+                    return
+                try:
+                    revision = await self.store.restore_alive(host_id, lease_id)
+                except EtcdError as error:
+                    log.warning("could not restore the alive key of host %s: %s",
+                                host_id, error)
+                    return
+                if revision is None:
+                    log.warning("host %s is alive on another replica's lease", host_id)
+                    return
+                session.alive_revision = revision
+                if self.sessions.get(host_id) is not session:
+                    await self._clear_alive(host_id, revision)
+
+        sessions = list(self.sessions.items())
+        await asyncio.gather(*(restore(h, s) for h, s in sessions))
+        log.info("alive keys of %d hosts restored on lease %x", len(sessions), lease_id)
 
     # ---- desired state, down ------------------------------------------------------
 
@@ -158,50 +294,108 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register.host_id is required")
         host_id = register.host_id
         session = AgentSession(host_id, register)
+        opened = False
+        try:
+            await self._register(session)
+            opened = True
+            for status in register.vms:
+                await self.apply_status(session, status)
+            reader = asyncio.create_task(self._read(session, context))
+            writer = asyncio.create_task(self._write(session, context))
+            try:
+                done, _ = await asyncio.wait(
+                    {reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Also when the handler itself is cancelled (the agent went away).
+                for task in (reader, writer):
+                    task.cancel()
+                    task.add_done_callback(_retrieve)
+            for task in done:
+                if not task.cancelled() and task.exception():
+                    log.info("agent stream of host %s ended: %s", host_id, task.exception())
+        except EtcdUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unreachable: {exc}")
+        except Superseded as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        finally:
+            if opened:
+                self._close(session)
+            log.info("host %s disconnected", host_id)
+
+    async def _register(self, session: AgentSession) -> None:
+        """Write the host record and alive key (bounded in concurrency), then open the
+        session: it is in `sessions` from here on. O(the host's VMs), never O(fleet)."""
+        reg = session.register
+        host_id = reg.host_id
+        async with self._registrations:
+            existing = await self.store.get_host(host_id)
+            record = records_pb2.HostRecord(
+                host_id=host_id, hostname=reg.hostname, capacity=reg.capacity,
+                cpu_overcommit_ratio=reg.cpu_overcommit_ratio or 1.0,
+                memory_overcommit_ratio=reg.memory_overcommit_ratio or 1.0,
+                backends=reg.backends, labels=reg.labels, agent_version=reg.agent_version,
+                registered_timestamp=existing.registered_timestamp if existing else now())
+            changed = existing is None or existing != record
+            while True:
+                lease_id = await self.lease.current()
+                try:
+                    revision = await self.store.mark_alive(host_id, lease_id,
+                                                           record if changed else None)
+                except LeaseNotFound:
+                    self.lease.invalidate(lease_id)
+                    continue
+                # No await from here to the session's opening: a re-grant either happened
+                # before this check (write again) or restores this host's key after it.
+                if self.lease.is_current(lease_id):
+                    break
+            session.alive_revision = revision
+            current = self.sessions.get(host_id)
+            if current is not None and current.alive_revision > revision:
+                # Another stream of the same host registered after this one: it wins.
+                raise Superseded(f"host {host_id} registered again on a newer stream")
+            self._open(session)
+
+    def _open(self, session: AgentSession) -> None:
+        host_id = session.host_id
         old = self.sessions.get(host_id)
         if old is not None:
             log.warning("host %s reconnected; replacing its previous session", host_id)
             old.send(agent_pb2.ConnectResponse())  # wakes the old writer; it will notice
+        session.last_heartbeat = time.time()
         self.sessions[host_id] = session
-        try:
-            async with self.store.etcd.lease(self.host_lease_ttl) as lease:
-                await self._register(session, lease.id)
-                reader = asyncio.create_task(self._read(session, context))
-                writer = asyncio.create_task(self._write(session, context))
-                lost = asyncio.create_task(lease.wait_lost())
-                done, pending = await asyncio.wait(
-                    {reader, writer, lost}, return_when=asyncio.FIRST_COMPLETED)
-                for task in pending:
-                    task.cancel()
-                for task in done:
-                    if task is not lost and not task.cancelled() and task.exception():
-                        log.info("agent stream of host %s ended: %s", host_id, task.exception())
-        except EtcdUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unreachable: {exc}")
-        finally:
-            if self.sessions.get(host_id) is session:
-                del self.sessions[host_id]
-                self.departed[host_id] = time.monotonic()
-            log.info("host %s disconnected", host_id)
-
-    async def _register(self, session: AgentSession, lease_id: int) -> None:
-        reg = session.register
-        existing = await self.store.get_host(reg.host_id)
-        record = records_pb2.HostRecord(
-            host_id=reg.host_id, hostname=reg.hostname, capacity=reg.capacity,
-            cpu_overcommit_ratio=reg.cpu_overcommit_ratio or 1.0,
-            memory_overcommit_ratio=reg.memory_overcommit_ratio or 1.0,
-            backends=reg.backends, labels=reg.labels, agent_version=reg.agent_version,
-            registered_timestamp=existing.registered_timestamp if existing else now())
-        await self.store.put_host(record)
-        await self.store.mark_alive(reg.host_id, lease_id)
-        for status in reg.vms:
-            await self.apply_status(session, status)
-        desired = [desired_vm(s.record) for s in list(self.cache.vms.values())
-                   if s.record.host_id == reg.host_id and not s.record.deleting]
+        self._by_beat[host_id] = session
+        self._by_beat.move_to_end(host_id)
+        desired = [desired_vm(s.record) for s in self.cache.on_host(host_id)
+                   if not s.record.deleting]
         session.send(agent_pb2.ConnectResponse(desired_state=agent_pb2.DesiredState(vms=desired)))
-        log.info("host %s registered: %d backends, %d VMs reported, %d desired", reg.host_id,
-                 len(reg.backends), len(reg.vms), len(desired))
+        if not self._retune():
+            session.send(self.heartbeat_settings())
+        log.info("host %s registered: %d backends, %d VMs reported, %d desired", host_id,
+                 len(session.register.backends), len(session.register.vms), len(desired))
+        self._notify(host_id)
+
+    def _close(self, session: AgentSession) -> None:
+        """Close the session (synchronously: the stream's handler may be cancelled) and
+        delete its alive key in the background, unless a newer registration wrote it."""
+        host_id = session.host_id
+        if self.sessions.get(host_id) is not session:
+            return  # replaced by a newer session of the same host
+        del self.sessions[host_id]
+        self._by_beat.pop(host_id, None)
+        self.departed[host_id] = time.monotonic()
+        self._retune()
+        self._notify(host_id)
+        if session.alive_revision:
+            task = asyncio.create_task(self._clear_alive(host_id, session.alive_revision),
+                                       name=f"clear-alive-{host_id}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _clear_alive(self, host_id: str, revision: int) -> None:
+        try:
+            await self.store.clear_alive(host_id, revision)
+        except EtcdError as error:
+            log.warning("could not delete the alive key of host %s: %s", host_id, error)
 
     async def _write(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
         while True:
@@ -226,12 +420,23 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                 session.deliver(message.reply)
 
     def _heartbeat(self, session: AgentSession, beat: agent_pb2.Heartbeat) -> None:
-        session.last_heartbeat = time.time()
-        session.health = beat.health or host_pb2.HOST_HEALTH_READY
+        """In memory only; the fleet hears of it only when the host's health changes."""
+        health = beat.health or host_pb2.HOST_HEALTH_READY
+        now = time.time()
+        # Past the timeout counts even before the sweep marked it: others read health_of().
+        was_silent = session.silent or now - session.last_heartbeat > self.heartbeat_timeout
+        transition = health != session.health or was_silent
+        session.last_heartbeat = now
+        session.health = health
         session.health_detail = beat.health_detail
         session.metrics = beat.metrics
+        session.silent = False
         for status in beat.vms:
             session.vm_metrics[status.vm_id] = status.metrics
+        if self.sessions.get(session.host_id) is session:
+            self._by_beat.move_to_end(session.host_id)
+            if transition:
+                self._notify(session.host_id)
 
     # ---- observed state, up ---------------------------------------------------------
 
@@ -254,13 +459,13 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                     self._status_locks.pop(status.vm_id, None)
                 return
             new = durable_status(status)
+            if same_status(cached.record, new):
+                return  # nothing new (a re-registering agent reports all its VMs)
 
             def change(record: records_pb2.VmRecord) -> bool:
                 if record.host_id != session.host_id:
                     return False
-                if all(getattr(record.status, f) == getattr(new, f)
-                       for f in _DURABLE_STATUS_FIELDS) \
-                        and dict(record.status.backend_info) == dict(new.backend_info):
+                if same_status(record, new):
                     return False
                 old_state = record.status.state
                 record.status.CopyFrom(new)
@@ -268,7 +473,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                     self.telemetry.vm_state_changed(old_state, new.state)
                 return True
 
-            stored = await self.store.mutate_vm(status.vm_id, change)
+            stored = await self.store.mutate_vm(status.vm_id, change, known=cached)
             if stored is not None:
                 self.cache.note_write(stored)
 

@@ -18,9 +18,19 @@ class ControllerConfig:
     etcd_prefix: str = "/vmm/"
     # Seconds an RPC waits for the agent to carry out a change.
     operation_timeout: float = 30.0
-    # A connected agent silent this long is DEGRADED and gets no new VMs.
+    # A connected agent silent this long is DEGRADED and gets no new VMs. The controller
+    # stretches it with the heartbeat interval, keeping their ratio.
     heartbeat_timeout: float = 15.0
-    # Seconds a disconnected agent's host lease lives.
+    # Seconds between an agent's heartbeats while the fleet on this replica is small (at
+    # most a third of heartbeat_timeout); the controller tells each agent its interval.
+    heartbeat_interval: float = 2.0
+    # Heartbeats per second one replica asks of its agents at most: with more hosts than
+    # heartbeat_interval * max_heartbeat_rate, the interval grows with the fleet.
+    max_heartbeat_rate: float = 1000.0
+    # How many agent registrations (etcd writes of the host record and alive key) run at once.
+    max_concurrent_registrations: int = 64
+    # TTL in seconds of this replica's etcd lease, which holds the alive keys of its hosts:
+    # when the replica dies, its hosts count as disconnected this long after.
     host_lease_ttl: int = 10
     # A VM deleted while its host is away is forgotten after this many seconds (the
     # agent removes it when it returns).

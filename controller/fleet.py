@@ -1,10 +1,20 @@
-"""The fleet as the controller sees it: hosts, their backends, capacity and health."""
+"""The fleet as the controller sees it: hosts, their backends, capacity, allocation and health.
+
+Everything is held in memory, loaded once from etcd and kept current by watches of the host,
+allocation and alive prefixes, so neither placement nor a host listing reads etcd. Readiness
+also depends on this replica's own agent sessions: the agent hub reports each session that
+opens, closes, goes silent or changes health (AgentHub.on_host_change -> refresh).
+"""
 
 from __future__ import annotations
 
+import bisect
 import time
 
 from controller.agent_hub import AgentHub
+from controller.etcd import KeyValue
+from controller.etcd.mirror import PrefixMirror
+from controller.fleet_index import FleetIndex
 from controller.scheduler import HostView
 from controller.store import Store, StoredAllocation
 from vmm.store.v1 import records_pb2
@@ -18,40 +28,102 @@ def allocatable(record: records_pb2.HostRecord) -> host_pb2.Resources:
                               memory_bytes=int(record.capacity.memory_bytes * mem_ratio))
 
 
+EMPTY_ALLOCATION = StoredAllocation(records_pb2.Allocation(allocated=host_pb2.Resources()), 0)
+
+
 class Fleet:
-    def __init__(self, store: Store, hub: AgentHub, heartbeat_timeout: float = 15.0) -> None:
+    def __init__(self, store: Store, hub: AgentHub) -> None:
         self.store = store
         self.hub = hub
-        # A connected agent silent this long is DEGRADED, and placement skips its host.
-        self.heartbeat_timeout = heartbeat_timeout
-        # Hosts whose alive key was seen recently (sessions on other replicas).
-        self._alive: set[str] = set()
-        self._alive_read = 0.0
+        self.index = FleetIndex()
+        self.records: dict[str, records_pb2.HostRecord] = {}
+        self._sorted_ids: list[str] = []
+        self.allocations: dict[str, StoredAllocation] = {}
+        # Hosts with an alive key (connected to some replica), and when we learnt it.
+        self._alive: dict[str, float] = {}
+        self._mirrors = [
+            PrefixMirror(store.etcd, store.host_prefix, on_put=self._host_put,
+                         on_delete=self._host_gone),
+            PrefixMirror(store.etcd, store.alloc_prefix, on_put=self._allocation_put,
+                         on_delete=self._allocation_gone),
+            PrefixMirror(store.etcd, store.alive_prefix, on_put=self._alive_put,
+                         on_delete=self._alive_gone),
+        ]
+
+    async def start(self) -> None:
+        for mirror in self._mirrors:
+            await mirror.start()
+
+    async def stop(self) -> None:
+        for mirror in self._mirrors:
+            await mirror.stop()
+
+    # ---- kept current by watches, own writes and sessions -----------------------------
+
+    def _host_put(self, host_id: str, kv: KeyValue) -> None:
+        if host_id not in self.records:
+            bisect.insort(self._sorted_ids, host_id)
+        self.records[host_id] = records_pb2.HostRecord.FromString(kv.value)
+        self.refresh(host_id)
+
+    def _host_gone(self, host_id: str) -> None:
+        if self.records.pop(host_id, None) is not None:
+            del self._sorted_ids[bisect.bisect_left(self._sorted_ids, host_id)]
+        self.refresh(host_id)
+
+    def _allocation_put(self, host_id: str, kv: KeyValue) -> None:
+        self.note_allocation(host_id, StoredAllocation(
+            records_pb2.Allocation.FromString(kv.value), kv.mod_revision))
+
+    def _allocation_gone(self, host_id: str) -> None:
+        self.allocations.pop(host_id, None)
+        self.refresh(host_id)
+
+    def _alive_put(self, host_id: str, _kv: KeyValue) -> None:
+        self._alive[host_id] = time.monotonic()
+        self.refresh(host_id)
+
+    def _alive_gone(self, host_id: str) -> None:
+        self._alive.pop(host_id, None)
+        self.refresh(host_id)
+
+    def note_allocation(self, host_id: str, stored: StoredAllocation) -> None:
+        """A host's allocation as of stored.revision: from the watch, or our own commit
+        (read-your-writes); whichever is older is ignored."""
+        known = self.allocations.get(host_id)
+        if known is None or known.revision < stored.revision:
+            self.allocations[host_id] = stored
+            self.refresh(host_id)
+
+    def allocation(self, host_id: str) -> StoredAllocation:
+        return self.allocations.get(host_id, EMPTY_ALLOCATION)
+
+    def refresh(self, host_id: str) -> None:
+        """Bring the index's view of one host up to date (record, allocation, readiness)."""
+        record = self.records.get(host_id)
+        if record is None:
+            self.index.remove(host_id)
+            return
+        self.index.upsert(self.view(record, self.allocations.get(host_id),
+                                    self.schedulable(host_id)))
+
+    # ---- reading -------------------------------------------------------------------------
 
     def host_connected(self, host_id: str) -> bool:
         if host_id in self.hub.sessions:
             return True
-        # Alive per etcd (a session on another replica), unless it left us since that read.
-        return host_id in self._alive and self.hub.departed.get(host_id, 0) < self._alive_read
+        # Alive per etcd (a session on another replica), unless it left us since then.
+        seen = self._alive.get(host_id)
+        return seen is not None and self.hub.departed.get(host_id, 0) < seen
 
-    async def refresh_alive(self) -> set[str]:
-        self._alive = await self.store.alive_hosts()
-        self._alive_read = time.monotonic()
-        return self._alive
+    def alive_hosts(self) -> set[str]:
+        return set(self._alive)
 
-    async def host_views(self) -> list[HostView]:
-        records = await self.store.list_hosts()
-        allocations = await self.store.list_allocations()
-        alive = await self.refresh_alive()
-        return [self.view(r, allocations.get(r.host_id), self._schedulable(r.host_id, alive))
-                for r in records]
-
-    def _schedulable(self, host_id: str, alive: set[str]) -> bool:
+    def schedulable(self, host_id: str) -> bool:
         session = self.hub.host_of(host_id)
         if session is not None:
-            return (time.time() - session.last_heartbeat <= self.heartbeat_timeout
-                    and session.health == host_pb2.HOST_HEALTH_READY)
-        return host_id in alive
+            return self.hub.health_of(session)[0] == host_pb2.HOST_HEALTH_READY
+        return self.host_connected(host_id)
 
     @staticmethod
     def view(record: records_pb2.HostRecord, alloc: StoredAllocation | None,
@@ -66,35 +138,33 @@ class Fleet:
             allocation_revision=alloc.revision if alloc else 0,
             vm_count=alloc.allocation.vm_count if alloc else 0)
 
-    async def capabilities(self, host_id: str, backend: str
-                           ) -> host_pb2.BackendCapabilities | None:
+    def capabilities(self, host_id: str, backend: str) -> host_pb2.BackendCapabilities | None:
         session = self.hub.host_of(host_id)
+        record = self.records.get(host_id)
         backends = session.register.backends if session else (
-            (await self.store.get_host(host_id) or records_pb2.HostRecord()).backends)
+            record.backends if record else [])
         for b in backends:
             if b.name == backend:
                 return b.capabilities
         return None
 
-    async def hosts(self) -> list[host_pb2.Host]:
-        records = await self.store.list_hosts()
-        allocations = await self.store.list_allocations()
-        alive = await self.refresh_alive()
-        return [self.host_message(r, allocations.get(r.host_id), r.host_id in alive)
-                for r in records]
+    def get_host(self, host_id: str) -> host_pb2.Host | None:
+        return self.host_message(host_id) if host_id in self.records else None
 
-    async def hosts_page(self, after: str, limit: int) -> tuple[list[host_pb2.Host], int]:
+    def backend_declarations(self) -> list[host_pb2.Backend]:
+        """Each distinct backend declaration in the fleet, once."""
+        return [cls.backend for cls in self.index.classes()]
+
+    def hosts_page(self, after: str, limit: int) -> tuple[list[host_pb2.Host], int]:
         """Hosts with an id above `after`, in id order, at most `limit`; and how many there are."""
-        records = sorted(await self.store.list_hosts(), key=lambda r: r.host_id)
-        allocations = await self.store.list_allocations()
-        alive = await self.refresh_alive()
-        page = [r for r in records if r.host_id > after][:limit]
-        return ([self.host_message(r, allocations.get(r.host_id), r.host_id in alive)
-                 for r in page], len(records))
+        start = bisect.bisect_right(self._sorted_ids, after)
+        page = self._sorted_ids[start:start + limit]
+        return [self.host_message(host_id) for host_id in page], len(self._sorted_ids)
 
-    def host_message(self, record: records_pb2.HostRecord, alloc: StoredAllocation | None,
-                     alive: bool) -> host_pb2.Host:
-        session = self.hub.host_of(record.host_id)
+    def host_message(self, host_id: str) -> host_pb2.Host:
+        record = self.records[host_id]
+        alloc = self.allocations.get(host_id)
+        session = self.hub.host_of(host_id)
         host = host_pb2.Host(
             host_id=record.host_id, hostname=record.hostname, capacity=record.capacity,
             allocatable=allocatable(record),
@@ -105,16 +175,11 @@ class Fleet:
             registered_timestamp=record.registered_timestamp, labels=record.labels,
             agent_version=record.agent_version)
         if session is not None:
-            host.health = session.health
-            host.health_detail = session.health_detail
-            silent = time.time() - session.last_heartbeat
-            if silent > self.heartbeat_timeout:
-                # Connected, but the agent has stopped reporting: do not trust it.
-                host.health = host_pb2.HOST_HEALTH_DEGRADED
-                host.health_detail = f"no heartbeat for {silent:.0f}s"
+            # Connected, but an agent that stopped reporting is DEGRADED: do not trust it.
+            host.health, host.health_detail = self.hub.health_of(session)
             host.last_heartbeat_timestamp = int(session.last_heartbeat)
             host.metrics.CopyFrom(session.metrics)
-        elif alive:
+        elif self.host_connected(host_id):
             host.health = host_pb2.HOST_HEALTH_READY
             host.health_detail = "connected to another controller"
         else:

@@ -59,12 +59,17 @@ def density_score(host: HostView, free_vcpus: int, free_memory: int, need: Deman
 class ShapeGroup:
     """Ready hosts of one backend class and one allocatable size.
 
-    buckets[free_vcpus] is sorted by (free_memory, host_id); keys lists the non-empty
-    buckets in order. Within the group, higher utilisation after placement means a smaller
-    weight M * free_vcpus + C * free_memory, which integers compare exactly.
+    Within the group, higher utilisation after placement means a smaller weight
+    M * free_vcpus + C * free_memory, which integers compare exactly. by_weight lists the
+    hosts by (weight, host_id): on a fleet with room the first few entries hold the answer.
+    When they are all full, buckets[free_vcpus] (sorted by (free_memory, host_id), keys
+    listing the non-empty ones in order) find it without looking at the full hosts.
     """
 
-    __slots__ = ("buckets", "class_id", "keys", "memory", "vcpus")
+    __slots__ = ("buckets", "by_weight", "class_id", "keys", "memory", "vcpus")
+
+    # Entries of by_weight tried before walking the buckets.
+    SCAN = 8
 
     def __init__(self, class_id: int, vcpus: int, memory: int) -> None:
         self.class_id = class_id
@@ -72,6 +77,10 @@ class ShapeGroup:
         self.memory = max(memory, 1)
         self.keys: list[int] = []
         self.buckets: dict[int, list[tuple[int, str]]] = {}
+        self.by_weight: list[tuple[int, str, int, int]] = []
+
+    def weight(self, free_vcpus: int, free_memory: int) -> int:
+        return self.memory * free_vcpus + self.vcpus * free_memory
 
     def add(self, free_vcpus: int, free_memory: int, host_id: str) -> None:
         bucket = self.buckets.get(free_vcpus)
@@ -79,10 +88,14 @@ class ShapeGroup:
             bucket = self.buckets[free_vcpus] = []
             bisect.insort(self.keys, free_vcpus)
         bisect.insort(bucket, (free_memory, host_id))
+        bisect.insort(self.by_weight,
+                      (self.weight(free_vcpus, free_memory), host_id, free_vcpus, free_memory))
 
     def discard(self, free_vcpus: int, free_memory: int, host_id: str) -> None:
         bucket = self.buckets[free_vcpus]
         del bucket[bisect.bisect_left(bucket, (free_memory, host_id))]
+        entry = (self.weight(free_vcpus, free_memory), host_id, free_vcpus, free_memory)
+        del self.by_weight[bisect.bisect_left(self.by_weight, entry)]
         if not bucket:
             del self.buckets[free_vcpus]
             del self.keys[bisect.bisect_left(self.keys, free_vcpus)]
@@ -92,19 +105,24 @@ class ShapeGroup:
 
     def best_fit(self, need: Demand) -> tuple[int, int, str] | None:
         """(free_vcpus, free_memory, host_id) of the densest host with room for need."""
+        for _, host_id, free_vcpus, free_memory in self.by_weight[:self.SCAN]:
+            if free_vcpus >= need.vcpus and free_memory >= need.memory:
+                return free_vcpus, free_memory, host_id
+        vcpus_weight, memory_weight, buckets = self.memory, self.vcpus, self.buckets
+        floor = memory_weight * need.memory  # the memory term of any host that fits
         best: tuple[int, str] | None = None
         best_slot: tuple[int, int, str] | None = None
         keys = self.keys
         for i in range(bisect.bisect_left(keys, need.vcpus), len(keys)):
             free_vcpus = keys[i]
-            if best is not None and self.memory * free_vcpus + self.vcpus * need.memory > best[0]:
+            if best is not None and vcpus_weight * free_vcpus + floor > best[0]:
                 break  # every later bucket weighs more, even at the least memory that fits
-            bucket = self.buckets[free_vcpus]
+            bucket = buckets[free_vcpus]
             j = bisect.bisect_left(bucket, (need.memory, ""))
             if j == len(bucket):
                 continue
             free_memory, host_id = bucket[j]
-            weight = (self.memory * free_vcpus + self.vcpus * free_memory, host_id)
+            weight = (vcpus_weight * free_vcpus + memory_weight * free_memory, host_id)
             if best is None or weight < best:
                 best, best_slot = weight, (free_vcpus, free_memory, host_id)
         return best_slot
@@ -154,8 +172,9 @@ class FleetIndex:
         self._groups: dict[tuple[int, int, int], ShapeGroup] = {}
         # class id -> its groups (ready hosts of every size).
         self._groups_of: dict[int, list[ShapeGroup]] = {}
-        # class id -> ready hosts offering it.
+        # class id -> ready hosts offering it, and hosts offering it at all.
         self._ready_count: dict[int, int] = {}
+        self._members: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._hosts)
@@ -168,7 +187,8 @@ class FleetIndex:
         return (entry.view for entry in self._hosts.values())
 
     def classes(self) -> list[BackendClass]:
-        return list(self._classes)
+        """The backend declarations some host in the index offers."""
+        return [cls for i, cls in enumerate(self._classes) if self._members[i]]
 
     # ---- keeping it current ----------------------------------------------------------
 
@@ -177,16 +197,23 @@ class FleetIndex:
         entry = self._hosts.get(view.host_id)
         if entry is not None:
             self._unslot(entry)
+            self._count_members(entry, -1)
             entry.view = view
             entry.class_ids = self._class_ids_of(view)
         else:
             entry = self._hosts[view.host_id] = _Entry(view, self._class_ids_of(view))
+        self._count_members(entry, 1)
         self._slot(entry)
 
     def remove(self, host_id: str) -> None:
         entry = self._hosts.pop(host_id, None)
         if entry is not None:
             self._unslot(entry)
+            self._count_members(entry, -1)
+
+    def _count_members(self, entry: _Entry, sign: int) -> None:
+        for class_id in entry.class_ids:
+            self._members[class_id] += sign
 
     def reserve(self, host_id: str, demand: Demand, sign: int = 1) -> None:
         """Count demand as used on the host until unreserve(); a commit in flight."""
@@ -211,6 +238,7 @@ class FleetIndex:
                 self._classes.append(cls)
                 self._groups_of[class_id] = []
                 self._ready_count[class_id] = 0
+                self._members[class_id] = 0
             ids.append(class_id)
         return tuple(ids)
 

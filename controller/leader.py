@@ -77,7 +77,7 @@ class Leadership:
                     await self.store.etcd.resign(leader)
 
     async def housekeeping(self) -> None:
-        alive = await self.fleet.refresh_alive()
+        alive = self.fleet.alive_hosts()
         now = time.monotonic()
         for host in list(self._down_since):
             if host in alive or self.fleet.host_connected(host):

@@ -23,6 +23,7 @@ from controller.etcd import EtcdClient, EtcdUnavailable
 from controller.fleet import Fleet
 from controller.health_http import HealthEndpoint
 from controller.leader import Leadership
+from controller.metrics import ControllerCollector
 from controller.store import Store
 from controller.telemetry import Telemetry, TracingInterceptor
 from controller.vm_cache import VmCache
@@ -46,8 +47,14 @@ class Controller:
         self.store = Store(self.etcd, config.etcd_prefix)
         self.cache = VmCache(self.store)
         self.telemetry = Telemetry(exporter=config.telemetry_exporter)
-        self.hub = AgentHub(self.store, self.cache, self.telemetry, config.host_lease_ttl)
-        self.fleet = Fleet(self.store, self.hub, config.heartbeat_timeout)
+        self.hub = AgentHub(
+            self.store, self.cache, self.telemetry, config.host_lease_ttl,
+            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_timeout=config.heartbeat_timeout,
+            max_heartbeat_rate=config.max_heartbeat_rate,
+            max_concurrent_registrations=config.max_concurrent_registrations)
+        self.fleet = Fleet(self.store, self.hub)
+        self.hub.on_host_change = self.fleet.refresh
         self.vms = VmService(self.store, self.cache, self.hub, self.fleet, self.telemetry,
                              VmServiceSettings(
                                  operation_timeout=config.operation_timeout,
@@ -57,7 +64,10 @@ class Controller:
             self.store, self.fleet, config.identity or f"{socket.gethostname()}:{config.listen}",
             forget_after=config.forget_deleted_after)
         self.health = health.aio.HealthServicer()
-        self.http = HealthEndpoint(self.etcd.status, self._backends)
+        self.telemetry.register_collector(
+            ControllerCollector.for_fleet(self.hub, self.cache, self.fleet))
+        self.http = HealthEndpoint(self.etcd.status, self._backends,
+                                   metrics=self.telemetry.registry)
         interceptors: list[grpc.aio.ServerInterceptor] = [
             TracingInterceptor(self.telemetry.tracer)]
         tokens = load_tokens(config.auth_tokens, config.auth_tokens_file)
@@ -78,7 +88,7 @@ class Controller:
     async def start(self) -> int:
         await self.etcd.connect()
         await self.cache.start()
-        await self.fleet.refresh_alive()
+        await self.fleet.start()
         await self.hub.start()
         vm_pb2_grpc.add_VmServiceServicer_to_server(self.vms, self.server)
         host_pb2_grpc.add_HostServiceServicer_to_server(HostService(self.fleet), self.server)
@@ -109,7 +119,7 @@ class Controller:
         while True:
             await asyncio.sleep(1.0)
             try:
-                await self.fleet.refresh_alive()
+                await self.etcd.status()
                 ok = True
             except EtcdUnavailable:
                 ok = False
@@ -128,6 +138,7 @@ class Controller:
         await self.server.stop(grace=2.0)
         await self.http.stop()
         await self.hub.stop()
+        await self.fleet.stop()
         await self.cache.stop()
         await self.etcd.close()
         self.telemetry.shutdown()

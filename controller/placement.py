@@ -1,109 +1,104 @@
-"""Placing a new VM: choose a host and backend with the scheduler, have the chosen agent
-preflight it, and commit the VM record with the host's allocation in one etcd transaction."""
+"""Placing a new VM: choose a host and backend from the in-memory fleet index, have the
+chosen agent preflight it, and commit the VM with its host's allocation (host_commits)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 
 import grpc
 
 from controller import scheduler, validation
 from controller.api.operations import S, VmOperations, raise_for_reply
-from controller.errors import ApiError, failed_precondition, invalid, not_found
-from controller.store import CreateOutcome, StoredVm, now
-from vmm import features
+from controller.errors import ApiError, failed_precondition, invalid
+from controller.host_commits import HostCommits
+from controller.store import StoredVm, now
 from vmm.agent.v1 import agent_pb2
 from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2, vm_pb2
 
 log = logging.getLogger(__name__)
 
+
+def new_record(vm_id: str, config: vm_pb2.VmConfig,
+               choice: scheduler.Choice) -> records_pb2.VmRecord:
+    """The VM at generation 1, placed on the chosen host with its resources reserved."""
+    ts = now()
+    return records_pb2.VmRecord(
+        vm_id=vm_id, config=config, backend=choice.backend.name, host_id=choice.host.host_id,
+        generation=1, desired_state=S.VM_STATE_CREATED, simulated=choice.backend.simulated,
+        reserved=host_pb2.Resources(vcpus=choice.demand.vcpus,
+                                    memory_bytes=choice.demand.memory),
+        created_timestamp=ts, modified_timestamp=ts, warnings=choice.fit.warnings)
+
 PLACEMENT_ATTEMPTS = 20
 
 
 class Placer:
-    """Places new VMs for one controller replica."""
+    """Places new VMs for one controller replica.
+
+    Decisions come from the in-memory fleet index and take no lock: the chosen host's room is
+    reserved in memory at once ("assumed"), so concurrent creates see it as used while the
+    agent preflights the VM and the commit is in flight. A commit that loses to another
+    replica refreshes that host and decides again.
+    """
 
     def __init__(self, ops: VmOperations) -> None:
         self.ops = ops
-        self._lock = asyncio.Lock()
+        self.commits = HostCommits(ops.store, ops.fleet)
 
     async def place_and_store(self, vm_id: str, request: vm_pb2.CreateVmRequest) -> StoredVm:
         """Record the VM at generation 1 on the host chosen for it, its resources reserved."""
-        # One placement at a time per controller: concurrent creates would otherwise all
-        # pick the same densest host and retry each other's conflicts. The transaction's
-        # revision compare still guards against other controller replicas.
-        async with self._lock:
-            return await self._place_and_store_locked(vm_id, request)
-
-    async def _place_and_store_locked(self, vm_id: str,
-                                      request: vm_pb2.CreateVmRequest) -> StoredVm:
-        config = request.config
+        fleet, config = self.ops.fleet, request.config
         for _attempt in range(PLACEMENT_ATTEMPTS):
-            hosts = await self.ops.fleet.host_views()
-            demand_of = self._demands(config, hosts)
-            choice = scheduler.place(config, hosts, backend=request.backend,
-                                     host_id=request.host_id,
-                                     preference=self.ops.settings.backend_preference,
-                                     demand_of=demand_of)
+            started = time.perf_counter()
+            choice = self._decide(request)
             if isinstance(choice, scheduler.NoPlacement):
-                raise self._no_placement(request, choice, hosts, demand_of)
-            await self._preflight(choice, vm_id, config)
-            backend = choice.backend.name
-            demand = demand_of.get(backend) or scheduler.demand_for(config, False)
-            alloc = await self.ops.store.get_allocation(choice.host.host_id)
-            if alloc.revision != choice.host.allocation_revision:
+                self.ops.telemetry.observe_placement(time.perf_counter() - started, "exhausted")
+                raise self._no_placement(request, choice)
+            host_id, demand = choice.host.host_id, choice.demand
+            fleet.index.reserve(host_id, demand)
+            try:
+                await self._preflight(choice, vm_id, config)
+                stored = await self.commits.commit(new_record(vm_id, config, choice), demand)
+            except BaseException:
+                self.ops.telemetry.observe_placement(time.perf_counter() - started, "error")
+                raise
+            finally:
+                fleet.index.unreserve(host_id, demand)
+            if stored is None:
                 self.ops.telemetry.placement_conflicts.add(1)
+                self.ops.telemetry.observe_placement(time.perf_counter() - started, "conflicted")
                 continue
-            new_alloc = records_pb2.Allocation(
-                allocated=host_pb2.Resources(
-                    vcpus=alloc.allocation.allocated.vcpus + demand.vcpus,
-                    memory_bytes=alloc.allocation.allocated.memory_bytes + demand.memory),
-                vm_count=alloc.allocation.vm_count + 1)
-            ts = now()
-            record = records_pb2.VmRecord(
-                vm_id=vm_id, config=config, backend=backend, host_id=choice.host.host_id,
-                generation=1, desired_state=S.VM_STATE_CREATED, simulated=choice.backend.simulated,
-                reserved=host_pb2.Resources(vcpus=demand.vcpus, memory_bytes=demand.memory),
-                created_timestamp=ts, modified_timestamp=ts, warnings=choice.fit.warnings)
-            outcome = await self.ops.store.create_vm(record, alloc, new_alloc)
-            if outcome is CreateOutcome.EXISTS:
-                raise ApiError(grpc.StatusCode.ALREADY_EXISTS, f"vm {vm_id!r} already exists")
-            if outcome is CreateOutcome.ALLOCATION_CHANGED:
-                self.ops.telemetry.placement_conflicts.add(1)
-                continue
-            self.ops.telemetry.placed(record.host_id, backend)
-            stored = await self.ops.store.get_vm(vm_id)
-            if stored is None:  # deleted in between by someone else
-                raise not_found(vm_id)
+            self.ops.telemetry.observe_placement(time.perf_counter() - started, "placed")
+            self.ops.telemetry.placed(host_id, choice.backend.name)
             self.ops.cache.note_write(stored)
-            log.info("vm %s placed on host %s (%s)", vm_id, record.host_id, backend)
+            log.info("vm %s placed on host %s (%s) in %.1f ms", vm_id, host_id,
+                     choice.backend.name, (time.perf_counter() - started) * 1000)
             return stored
         raise ApiError(grpc.StatusCode.ABORTED,
                        "placement kept racing concurrent creates; try again")
 
-    def _demands(self, config: vm_pb2.VmConfig,
-                 hosts: list[scheduler.HostView]) -> dict[str, scheduler.Demand]:
-        """Per backend, what the VM would hold: a backend that ignores max_vcpu_count does not
-        reserve it."""
-        out: dict[str, scheduler.Demand] = {}
-        for host in hosts:
-            for name, backend in host.backends.items():
-                if name in out:
-                    continue
-                honours_max = features.support_of(
-                    backend.capabilities, "cpu.max_vcpu_count").support == host_pb2.SUPPORT_FULL
-                out[name] = scheduler.demand_for(
-                    config, self.ops.settings.reserve_hotplug_maximum and honours_max)
-        return out
+    def _decide(self, request: vm_pb2.CreateVmRequest) -> scheduler.Choice | scheduler.NoPlacement:
+        fleet = self.ops.fleet
+        while True:
+            choice = fleet.index.place(
+                request.config, backend=request.backend, host_id=request.host_id,
+                preference=self.ops.settings.backend_preference,
+                reserve_max=self.ops.settings.reserve_hotplug_maximum)
+            if isinstance(choice, scheduler.NoPlacement) or fleet.schedulable(
+                    choice.host.host_id):
+                return choice
+            # Went quiet since the index last heard of it: correct the index, choose again.
+            fleet.refresh(choice.host.host_id)
 
-    def _no_placement(self, request: vm_pb2.CreateVmRequest, why: scheduler.NoPlacement,
-                      hosts: list[scheduler.HostView],
-                      demand_of: dict[str, scheduler.Demand]) -> ApiError:
+    def _no_placement(self, request: vm_pb2.CreateVmRequest,
+                      why: scheduler.NoPlacement) -> ApiError:
         wanted = request.backend or "any backend"
-        if request.host_id and not any(h.host_id == request.host_id and h.ready for h in hosts):
-            return failed_precondition(f"host {request.host_id!r} is not connected")
+        if request.host_id:
+            named = self.ops.fleet.index.get(request.host_id)
+            if named is None or not named.ready:
+                return failed_precondition(f"host {request.host_id!r} is not connected")
         if not why.offered_backends:
             if request.backend:
                 return ApiError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -114,12 +109,11 @@ class Placer:
             violations = [v for name in sorted(why.backend_violations)
                           for v in why.backend_violations[name]]
             return invalid(violations)
-        best = scheduler.best_free(why.full_hosts)
-        need = demand_of.get(request.backend) or scheduler.demand_for(request.config, False)
+        best = why.roomiest
         free = (f"; the host with most room, {best.host_id}, has {best.free_vcpus} vCPUs and "
                 f"{validation.human_bytes(max(best.free_memory, 0))} free") if best else ""
         return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"no host has room for {need.describe()} on {wanted}{free}")
+                        f"no host has room for {why.demand.describe()} on {wanted}{free}")
 
     async def _preflight(self, choice: scheduler.Choice, vm_id: str,
                          config: vm_pb2.VmConfig) -> None:

@@ -4,7 +4,8 @@ Keys (under a configurable prefix, "/vmm/" by default):
     vms/<vm_id>          VmRecord: desired state, placement, last observed status
     hosts/<host_id>      HostRecord: what the agent registered
     allocations/<host>   Allocation: resources held by the VMs placed on the host
-    alive/<host_id>      empty value on a lease; present while the host's agent is connected
+    alive/<host_id>      empty value on the lease of the controller replica the host's agent
+                         is connected to (one lease per replica); present while connected
 
 Every write that can race compares a revision: nothing is last-writer-wins by accident.
 """
@@ -13,8 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
+from dataclasses import dataclass, field
 
 from controller.etcd import Compare, EtcdClient, GetResult, KeyValue, Op
 from vmm.store.v1 import records_pb2
@@ -28,12 +28,6 @@ class ConflictError(Exception):
     """A compare-and-swap kept losing to other writers."""
 
 
-class CreateOutcome(Enum):
-    CREATED = "created"
-    EXISTS = "exists"
-    ALLOCATION_CHANGED = "allocation changed"
-
-
 @dataclass(frozen=True)
 class StoredVm:
     record: records_pb2.VmRecord
@@ -45,6 +39,17 @@ class StoredAllocation:
     allocation: records_pb2.Allocation
     # mod_revision of the key; 0 when the host has no allocation yet.
     revision: int
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    created: bool
+    # The revision of the transaction (the new VMs' mod_revision when created).
+    revision: int
+    # The host's allocation after it: the new one when created, else the current one.
+    allocation: StoredAllocation
+    # When not created: the VMs that exist already.
+    existing: set[str] = field(default_factory=set)
 
 
 def now() -> int:
@@ -80,33 +85,47 @@ class Store:
         kvs, revision = await self.etcd.get_prefix(self.vm_prefix)
         return [self.decode_vm(kv) for kv in kvs], revision
 
-    async def create_vm(self, record: records_pb2.VmRecord, allocation: StoredAllocation,
-                        new_allocation: records_pb2.Allocation) -> CreateOutcome:
-        """Store a new VM and its host's new allocation atomically."""
-        vm_key, alloc_key = self.vm_key(record.vm_id), self.alloc_key(record.host_id)
+    async def create_vms(self, host_id: str, records: list[records_pb2.VmRecord],
+                         allocation: StoredAllocation,
+                         new_allocation: records_pb2.Allocation) -> CreateResult:
+        """Store new VMs on one host and the host's new allocation atomically, if none of the
+        VMs exists yet and the allocation is still the one the decisions were made on."""
+        alloc_key = self.alloc_key(host_id)
+        vm_keys = [self.vm_key(r.vm_id) for r in records]
         result = await self.etcd.txn(
-            compares=[Compare.create_revision(vm_key) == 0,
-                      Compare.mod_revision(alloc_key) == allocation.revision],
-            success=[Op.put(vm_key, record.SerializeToString()),
-                     Op.put(alloc_key, new_allocation.SerializeToString())],
-            failure=[Op.get(vm_key)],
+            compares=[Compare.mod_revision(alloc_key) == allocation.revision,
+                      *(Compare.create_revision(key) == 0 for key in vm_keys)],
+            success=[Op.put(alloc_key, new_allocation.SerializeToString()),
+                     *(Op.put(key, r.SerializeToString()) for key, r in zip(vm_keys, records,
+                                                                           strict=True))],
+            failure=[Op.get(alloc_key), *(Op.get(key) for key in vm_keys)],
         )
         if result.succeeded:
-            return CreateOutcome.CREATED
-        existing = result.responses[0] if result.responses else None
-        if isinstance(existing, GetResult) and existing.kvs:
-            return CreateOutcome.EXISTS
-        return CreateOutcome.ALLOCATION_CHANGED
+            return CreateResult(True, result.revision,
+                                StoredAllocation(new_allocation, result.revision))
+        found = [r.kvs[0] if isinstance(r, GetResult) and r.kvs else None
+                 for r in result.responses]
+        current = found[0]
+        return CreateResult(
+            False, result.revision,
+            StoredAllocation(records_pb2.Allocation.FromString(current.value),
+                             current.mod_revision) if current else StoredAllocation(
+                records_pb2.Allocation(allocated=host_pb2.Resources()), 0),
+            existing={r.vm_id for r, kv in zip(records, found[1:], strict=True) if kv})
 
     async def mutate_vm(self, vm_id: str,
-                        change: Callable[[records_pb2.VmRecord], bool | None]) -> StoredVm | None:
+                        change: Callable[[records_pb2.VmRecord], bool | None],
+                        known: StoredVm | None = None) -> StoredVm | None:
         """Read-modify-write a VM record with CAS on its mod_revision.
 
         `change` edits the record in place; returning False means "no write needed".
-        Returns the stored result, or None when the VM does not exist.
+        `known` (a cached copy) saves the first read: if it is stale, the compare fails and
+        the failed transaction brings the current record back. Returns the stored result, or
+        None when the VM does not exist.
         """
+        key = self.vm_key(vm_id)
+        current = known if known is not None else await self.get_vm(vm_id)
         for _ in range(MAX_CAS_ATTEMPTS):
-            current = await self.get_vm(vm_id)
             if current is None:
                 return None
             record = records_pb2.VmRecord()
@@ -114,14 +133,16 @@ class Store:
             if change(record) is False:
                 return current
             record.modified_timestamp = now()
-            key = self.vm_key(vm_id)
             result = await self.etcd.txn(
                 compares=[Compare.mod_revision(key) == current.revision],
                 success=[Op.put(key, record.SerializeToString())],
-                failure=[],
+                failure=[Op.get(key)],
             )
             if result.succeeded:
                 return StoredVm(record, result.revision)
+            found = result.responses[0] if result.responses else None
+            current = (self.decode_vm(found.kvs[0])
+                       if isinstance(found, GetResult) and found.kvs else None)
         raise ConflictError(f"vm {vm_id!r} kept changing under concurrent writers")
 
     async def delete_vm(self, vm_id: str, expected: StoredVm | None = None) -> bool:
@@ -179,8 +200,39 @@ class Store:
             for kv in kvs
         }
 
-    async def mark_alive(self, host_id: str, lease: int) -> None:
-        await self.etcd.put(self.alive_prefix + host_id, b"", lease=lease)
+    def alive_key(self, host_id: str) -> str:
+        return self.alive_prefix + host_id
+
+    async def mark_alive(self, host_id: str, lease: int,
+                         record: records_pb2.HostRecord | None = None) -> int:
+        """Put the host's alive key on `lease` (and its record, when given) in one write.
+
+        The newest registration wins: the key moves to this lease from whichever lease
+        held it. Returns the revision of the write; raises LeaseNotFound when the lease
+        is gone.
+        """
+        ops = [Op.put(self.alive_key(host_id), b"", lease)]
+        if record is not None:
+            ops.append(Op.put(self.host_prefix + record.host_id, record.SerializeToString()))
+        result = await self.etcd.txn(compares=[], success=ops, failure=[])
+        return result.revision
+
+    async def restore_alive(self, host_id: str, lease: int) -> int | None:
+        """Put the alive key on `lease` unless the key exists (another replica holds the
+        host now). For a replica whose lease was lost: the revision of the write, or None
+        when the key was there."""
+        key = self.alive_key(host_id)
+        result = await self.etcd.txn(compares=[Compare.absent(key)],
+                                     success=[Op.put(key, b"", lease)], failure=[])
+        return result.revision if result.succeeded else None
+
+    async def clear_alive(self, host_id: str, revision: int) -> bool:
+        """Delete the alive key if it is still the one written at `revision`: a host that
+        has registered again meanwhile (with this replica or another) keeps its key."""
+        key = self.alive_key(host_id)
+        result = await self.etcd.txn(compares=[Compare.mod_revision(key) == revision],
+                                     success=[Op.delete(key)], failure=[])
+        return result.succeeded
 
     async def alive_hosts(self) -> set[str]:
         kvs, _ = await self.etcd.get_prefix(self.alive_prefix)

@@ -8,9 +8,10 @@ so a change written by any replica reaches all of them.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from controller.etcd import EventType, WatchCompacted
@@ -33,6 +34,10 @@ class VmCache:
         self.store = store
         # The freshest record of each VM: watch events plus this replica's own writes.
         self.vms: dict[str, StoredVm] = {}
+        # host id -> ids of the VMs in `vms` placed on it, kept current with `vms`.
+        self.by_host: dict[str, set[str]] = {}
+        # The ids of `vms` in order, for paged listings.
+        self.sorted_ids: list[str] = []
         # Each VM as the watch last delivered it: what a change is a change *from*.
         self._watched: dict[str, StoredVm] = {}
         self.revision = 0
@@ -89,26 +94,56 @@ class VmCache:
         """Apply our own write at once (read-your-writes) if the watch has not yet."""
         cached = self.vms.get(stored.record.vm_id)
         if cached is None or cached.revision < stored.revision:
-            self.vms[stored.record.vm_id] = stored
+            self._store(stored.record.vm_id, stored)
 
     async def _apply(self, change: VmChange) -> None:
         cached = self.vms.get(change.vm_id)
         if change.current is None:
-            self.vms.pop(change.vm_id, None)
+            self._store(change.vm_id, None)
             self._watched.pop(change.vm_id, None)
         else:
             self._watched[change.vm_id] = change.current
         if change.current is not None and (
                 cached is None or cached.revision <= change.current.revision):
-            self.vms[change.vm_id] = change.current
+            self._store(change.vm_id, change.current)
         self.revision = max(self.revision, change.revision)
         for queue in list(self._subscribers):
             queue.put_nowait(change)
         async with self._changed:
             self._changed.notify_all()
 
+    def _store(self, vm_id: str, stored: StoredVm | None) -> None:
+        """Set (or, given None, drop) the cached record and keep `by_host` in step."""
+        old = self.vms.pop(vm_id, None) if stored is None else self.vms.get(vm_id)
+        old_host = old.record.host_id if old is not None else None
+        new_host = stored.record.host_id if stored is not None else None
+        if stored is not None:
+            self.vms[vm_id] = stored
+        if old is None and stored is not None:
+            bisect.insort(self.sorted_ids, vm_id)
+        elif old is not None and stored is None:
+            del self.sorted_ids[bisect.bisect_left(self.sorted_ids, vm_id)]
+        if old_host == new_host:
+            return
+        if old_host is not None and (ids := self.by_host.get(old_host)) is not None:
+            ids.discard(vm_id)
+            if not ids:
+                del self.by_host[old_host]
+        if new_host is not None:
+            self.by_host.setdefault(new_host, set()).add(vm_id)
+
     def get(self, vm_id: str) -> StoredVm | None:
         return self.vms.get(vm_id)
+
+    def after(self, vm_id: str) -> Iterator[StoredVm]:
+        """The cached records with an id above vm_id, in id order."""
+        ids = self.sorted_ids
+        for i in range(bisect.bisect_right(ids, vm_id), len(ids)):
+            yield self.vms[ids[i]]
+
+    def on_host(self, host_id: str) -> list[StoredVm]:
+        """The cached records of the VMs placed on one host: O(its VMs), not O(all VMs)."""
+        return [self.vms[vm_id] for vm_id in self.by_host.get(host_id, ())]
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[VmChange]]:

@@ -56,7 +56,7 @@ class DeviceRpcs:
                        update: Callable[[records_pb2.VmRecord], None]) -> vm_pb2.VmState.ValueType:
         stored = self.ops.get(vm_id)
         record = stored.record
-        caps = await self.ops.fleet.capabilities(record.host_id, record.backend)
+        caps = self.ops.fleet.capabilities(record.host_id, record.backend)
         if caps is not None and (msg := validation.required_feature(caps, feature_key)):
             raise failed_precondition(msg)
         state = self.ops.current_state(record)
@@ -100,7 +100,7 @@ class DeviceRpcs:
         if violations:
             raise invalid(violations)
         key = "cpu.hotplug" if request.vcpu_count else "memory.hotplug"
-        caps = await self.ops.fleet.capabilities(record.host_id, record.backend)
+        caps = self.ops.fleet.capabilities(record.host_id, record.backend)
         if caps is not None:
             for needed, asked in (("cpu.hotplug", request.vcpu_count),
                                   ("memory.hotplug", request.memory_size_bytes)):

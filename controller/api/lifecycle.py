@@ -127,8 +127,6 @@ class LifecycleRpcs:
                        context: grpc.aio.ServicerContext) -> vm_pb2.DeleteVmResponse:
         stored = self.ops.get(request.vm_id)
         record = stored.record
-        if not self.ops.fleet.host_connected(record.host_id):
-            await self.ops.fleet.refresh_alive()  # its agent may be on another replica
         state = self.ops.current_state(record)
         if state in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED) and not request.force:
             raise failed_precondition(

@@ -145,15 +145,13 @@ class VmOperations:
         record = stored.record
         if record.deleting:
             raise failed_precondition(f"cannot {verb} vm {vm_id}: it is being deleted")
-        if not self.fleet.host_connected(record.host_id):
-            await self.fleet.refresh_alive()  # its agent may be on another replica
         state = self.current_state(record)
         if state == S.VM_STATE_UNKNOWN:
             raise ApiError(grpc.StatusCode.UNAVAILABLE,
                            f"cannot {verb} vm {vm_id}: its host {record.host_id} is not connected")
         if state not in allowed:
             raise failed_precondition(f"cannot {verb} vm {vm_id}: it is {state_name(state)}")
-        caps = await self.fleet.capabilities(record.host_id, record.backend)
+        caps = self.fleet.capabilities(record.host_id, record.backend)
         if caps is not None and (msg := validation.required_feature(caps, feature_key)):
             raise failed_precondition(msg)
         before = record.status.state
@@ -164,7 +162,7 @@ class VmOperations:
             if edit:
                 edit(r)
 
-        written = await self.store.mutate_vm(vm_id, change)
+        written = await self.store.mutate_vm(vm_id, change, known=stored)
         if written is None:
             raise not_found(vm_id)
         self.cache.note_write(written)

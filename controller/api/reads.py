@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import AsyncIterator
 
 import grpc
 
 from controller.api.operations import VmOperations, api_method
-from controller.errors import invalid_field
+from controller.api.paging import fill_page, page_size, page_token, token_after
 from vmm.store.v1 import records_pb2
 from vmm.v1 import vm_pb2
-
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
 
 
 class ReadRpcs:
@@ -56,24 +52,20 @@ class ReadRpcs:
     @api_method
     async def ListVms(self, request: vm_pb2.ListVmsRequest,
                       context: grpc.aio.ServicerContext) -> vm_pb2.ListVmsResponse:
-        if request.page_size < 0:
-            raise invalid_field("page_size", f"must not be negative, got {request.page_size}")
-        after = ""
-        if request.page_token:
-            try:
-                after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
-            except (ValueError, UnicodeDecodeError):
-                raise invalid_field("page_token", "is not a token this API issued") from None
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = token_after("vm", request.page_token)
+        size = page_size(request.page_size)
         wanted = set(request.state_filter)
-        infos = [self.vm_info(s.record) for _, s in sorted(self.ops.cache.vms.items())
-                 if not s.record.deleting]
-        if wanted:
-            infos = [i for i in infos if i.state in wanted]
-        page = [i for i in infos if i.vm_id > after][:size]
-        more = len(page) == size and any(i.vm_id > page[-1].vm_id for i in infos)
-        token = base64.urlsafe_b64encode(page[-1].vm_id.encode()).decode() if more else ""
-        return vm_pb2.ListVmsResponse(vms=page, next_page_token=token, total_count=len(infos))
+        state = self.ops.current_state
+        # The total is counted over every cached VM in memory; the page itself starts at
+        # its place in the id order and reads no further than it needs.
+        total = sum(1 for s in self.ops.cache.vms.values() if not s.record.deleting
+                    and (not wanted or state(s.record) in wanted))
+        infos = (info for info in (self.vm_info(s.record) for s in self.ops.cache.after(after)
+                                   if not s.record.deleting)
+                 if not wanted or info.state in wanted)
+        page, more = fill_page(infos, size)
+        token = page_token("vm", page[-1].vm_id) if more else ""
+        return vm_pb2.ListVmsResponse(vms=page, next_page_token=token, total_count=total)
 
     async def WatchVms(self, request: vm_pb2.WatchVmsRequest,
                        context: grpc.aio.ServicerContext

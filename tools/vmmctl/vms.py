@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from tools.vmmctl import render
+from tools.vmmctl import paging, render
 from tools.vmmctl.connection import controller, settings
 from tools.vmmctl.exit_codes import usage_error
 from tools.vmmctl.inputs import ConfigFileError, load_create_request
@@ -101,43 +101,41 @@ def list_vms(
         "--state", case_sensitive=False, show_default=False,
         help="Only VMs in this state; repeat for several.")] = None,
     page_size: Annotated[int, typer.Option(
-        "--page-size", min=0, help="VMs per page; 0 lets the server choose.")] = 0,
+        "--page-size", min=0, help="VMs per page; 0 lets the server choose. With "
+                                   "--page-size or --page-token alone, one page is shown."
+    )] = 0,
     page_token: Annotated[str, typer.Option(
         "--page-token", help="Continue a listing from this token.")] = "",
     all_pages: Annotated[bool, typer.Option(
         "--all", "-A", help="Follow next_page_token until the last page.")] = False,
+    limit: Annotated[int, typer.Option(
+        "--limit", min=0, help="Show at most this many VMs, following pages; 0: no limit."
+    )] = 0,
 ) -> None:
-    """List VMs."""
+    """List VMs, following every page unless paging options ask for one."""
     ctl = controller(ctx)
-    request = vm_pb2.ListVmsRequest(
-        state_filter=[s.to_proto() for s in state or ()], page_size=page_size,
-        page_token=page_token)
-    vms: list[vm_pb2.VmInfo] = []
-    seen_tokens: set[str] = set()
-    while True:
-        response = ctl.call(ctl.vms.ListVms, request)
-        vms.extend(response.vms)
-        token = response.next_page_token
-        if not all_pages or not token:
-            break
-        if token in seen_tokens:  # a server bug would otherwise loop forever
-            note(f"the server repeated page token {token!r}; stopping")
-            break
-        seen_tokens.add(token)
-        request.page_token = token
+    states = [s.to_proto() for s in state or ()]
 
+    def fetch(token: str, size: int) -> paging.Page[vm_pb2.VmInfo]:
+        response = ctl.call(ctl.vms.ListVms, vm_pb2.ListVmsRequest(
+            state_filter=states, page_size=size, page_token=token))
+        return response.vms, response.next_page_token, response.total_count
+
+    one_page = not all_pages and not limit and bool(page_size or page_token)
+    listing = paging.collect(fetch, page_size=page_size, page_token=page_token, limit=limit,
+                             follow=not one_page)
+    vms, token = listing.items, listing.next_page_token
     if settings(ctx).json:
-        combined = vm_pb2.ListVmsResponse(vms=vms, next_page_token=token,
-                                          total_count=response.total_count)
-        emit_json(combined)
+        emit_json(vm_pb2.ListVmsResponse(vms=vms, next_page_token=token,
+                                         total_count=listing.total_count))
         return
     if vms:
         render.stdout_console().print(render.vm_table(vms))
     else:
         note("No VMs.")
     if token:
-        note(f"Showing {len(vms)} of {response.total_count or 'more'} VMs; the rest with "
-              f"--all or --page-token {token}")
+        note(f"Showing {len(vms)} of {listing.total_count or 'more'} VMs; the rest with "
+             f"--all or --page-token {token}")
 
 
 def boot(ctx: typer.Context, vm_id: VmIdArg) -> None:

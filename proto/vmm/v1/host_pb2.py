@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11vmm/v1/host.proto\x12\x06vmm.v1\"0\n\tResources\x12\r\n\x05vcpus\x18\x01 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\"\xa1\x04\n\x04Host\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\"\n\x06health\x18\x03 \x01(\x0e\x32\x12.vmm.v1.HostHealth\x12\x15\n\rhealth_detail\x18\x04 \x01(\t\x12#\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x11.vmm.v1.Resources\x12&\n\x0b\x61llocatable\x18\x06 \x01(\x0b\x32\x11.vmm.v1.Resources\x12$\n\tallocated\x18\x07 \x01(\x0b\x32\x11.vmm.v1.Resources\x12\x1c\n\x14\x63pu_overcommit_ratio\x18\x08 \x01(\x01\x12\x1f\n\x17memory_overcommit_ratio\x18\t \x01(\x01\x12!\n\x08\x62\x61\x63kends\x18\n \x03(\x0b\x32\x0f.vmm.v1.Backend\x12\x10\n\x08vm_count\x18\x0b \x01(\x05\x12 \n\x18last_heartbeat_timestamp\x18\x0c \x01(\x03\x12\x1c\n\x14registered_timestamp\x18\r \x01(\x03\x12(\n\x06labels\x18\x0e \x03(\x0b\x32\x18.vmm.v1.Host.LabelsEntry\x12\x15\n\ragent_version\x18\x0f \x01(\t\x12$\n\x07metrics\x18\x10 \x01(\x0b\x32\x13.vmm.v1.HostMetrics\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x0bHostMetrics\x12\x19\n\x11\x63pu_usage_percent\x18\x01 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x03\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fload_average_1m\x18\x04 \x01(\x01\x12\x17\n\x0f\x61gent_rss_bytes\x18\x05 \x01(\x03\"\x83\x01\n\x07\x42\x61\x63kend\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tsimulated\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x62inary_path\x18\x04 \x01(\t\x12\x31\n\x0c\x63\x61pabilities\x18\x05 \x01(\x0b\x32\x1b.vmm.v1.BackendCapabilities\"j\n\x07\x46\x65\x61ture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x07support\x18\x02 \x01(\x0e\x32\x0f.vmm.v1.Support\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\"\x8e\x01\n\rBackendLimits\x12\x11\n\tmin_vcpus\x18\x01 \x01(\x05\x12\x11\n\tmax_vcpus\x18\x02 \x01(\x05\x12\x18\n\x10min_memory_bytes\x18\x03 \x01(\x03\x12\x18\n\x10max_memory_bytes\x18\x04 \x01(\x03\x12\x11\n\tmax_disks\x18\x05 \x01(\x05\x12\x10\n\x08max_nics\x18\x06 \x01(\x05\"p\n\x13\x42\x61\x63kendCapabilities\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12%\n\x06limits\x18\x02 \x01(\x0b\x32\x15.vmm.v1.BackendLimits\x12!\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\x0f.vmm.v1.Feature\"\x12\n\x10ListHostsRequest\"0\n\x11ListHostsResponse\x12\x1b\n\x05hosts\x18\x01 \x03(\x0b\x32\x0c.vmm.v1.Host\"!\n\x0eGetHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"-\n\x0fGetHostResponse\x12\x1a\n\x04host\x18\x01 \x01(\x0b\x32\x0c.vmm.v1.Host\"0\n\x1dGetBackendCapabilitiesRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\"O\n\x1eGetBackendCapabilitiesResponse\x12-\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x1b.vmm.v1.BackendCapabilities*p\n\nHostHealth\x12\x1b\n\x17HOST_HEALTH_UNSPECIFIED\x10\x00\x12\x15\n\x11HOST_HEALTH_READY\x10\x01\x12\x18\n\x14HOST_HEALTH_DEGRADED\x10\x02\x12\x14\n\x10HOST_HEALTH_DOWN\x10\x03*p\n\x07Support\x12\x17\n\x13SUPPORT_UNSPECIFIED\x10\x00\x12\x10\n\x0cSUPPORT_FULL\x10\x01\x12\x13\n\x0fSUPPORT_PARTIAL\x10\x02\x12\x13\n\x0fSUPPORT_IGNORED\x10\x03\x12\x10\n\x0cSUPPORT_NONE\x10\x04\x32\xf4\x01\n\x0bHostService\x12@\n\tListHosts\x12\x18.vmm.v1.ListHostsRequest\x1a\x19.vmm.v1.ListHostsResponse\x12:\n\x07GetHost\x12\x16.vmm.v1.GetHostRequest\x1a\x17.vmm.v1.GetHostResponse\x12g\n\x16GetBackendCapabilities\x12%.vmm.v1.GetBackendCapabilitiesRequest\x1a&.vmm.v1.GetBackendCapabilitiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11vmm/v1/host.proto\x12\x06vmm.v1\"0\n\tResources\x12\r\n\x05vcpus\x18\x01 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\"\xa1\x04\n\x04Host\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\"\n\x06health\x18\x03 \x01(\x0e\x32\x12.vmm.v1.HostHealth\x12\x15\n\rhealth_detail\x18\x04 \x01(\t\x12#\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x11.vmm.v1.Resources\x12&\n\x0b\x61llocatable\x18\x06 \x01(\x0b\x32\x11.vmm.v1.Resources\x12$\n\tallocated\x18\x07 \x01(\x0b\x32\x11.vmm.v1.Resources\x12\x1c\n\x14\x63pu_overcommit_ratio\x18\x08 \x01(\x01\x12\x1f\n\x17memory_overcommit_ratio\x18\t \x01(\x01\x12!\n\x08\x62\x61\x63kends\x18\n \x03(\x0b\x32\x0f.vmm.v1.Backend\x12\x10\n\x08vm_count\x18\x0b \x01(\x05\x12 \n\x18last_heartbeat_timestamp\x18\x0c \x01(\x03\x12\x1c\n\x14registered_timestamp\x18\r \x01(\x03\x12(\n\x06labels\x18\x0e \x03(\x0b\x32\x18.vmm.v1.Host.LabelsEntry\x12\x15\n\ragent_version\x18\x0f \x01(\t\x12$\n\x07metrics\x18\x10 \x01(\x0b\x32\x13.vmm.v1.HostMetrics\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x0bHostMetrics\x12\x19\n\x11\x63pu_usage_percent\x18\x01 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x03\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fload_average_1m\x18\x04 \x01(\x01\x12\x17\n\x0f\x61gent_rss_bytes\x18\x05 \x01(\x03\"\x83\x01\n\x07\x42\x61\x63kend\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tsimulated\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x62inary_path\x18\x04 \x01(\t\x12\x31\n\x0c\x63\x61pabilities\x18\x05 \x01(\x0b\x32\x1b.vmm.v1.BackendCapabilities\"j\n\x07\x46\x65\x61ture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x07support\x18\x02 \x01(\x0e\x32\x0f.vmm.v1.Support\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\"\x8e\x01\n\rBackendLimits\x12\x11\n\tmin_vcpus\x18\x01 \x01(\x05\x12\x11\n\tmax_vcpus\x18\x02 \x01(\x05\x12\x18\n\x10min_memory_bytes\x18\x03 \x01(\x03\x12\x18\n\x10max_memory_bytes\x18\x04 \x01(\x03\x12\x11\n\tmax_disks\x18\x05 \x01(\x05\x12\x10\n\x08max_nics\x18\x06 \x01(\x05\"p\n\x13\x42\x61\x63kendCapabilities\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12%\n\x06limits\x18\x02 \x01(\x0b\x32\x15.vmm.v1.BackendLimits\x12!\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\x0f.vmm.v1.Feature\"W\n\x10ListHostsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x1c\n\x14include_capabilities\x18\x03 \x01(\x08\"^\n\x11ListHostsResponse\x12\x1b\n\x05hosts\x18\x01 \x03(\x0b\x32\x0c.vmm.v1.Host\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x13\n\x0btotal_count\x18\x03 \x01(\x05\"!\n\x0eGetHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"-\n\x0fGetHostResponse\x12\x1a\n\x04host\x18\x01 \x01(\x0b\x32\x0c.vmm.v1.Host\"0\n\x1dGetBackendCapabilitiesRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\"O\n\x1eGetBackendCapabilitiesResponse\x12-\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x1b.vmm.v1.BackendCapabilities*p\n\nHostHealth\x12\x1b\n\x17HOST_HEALTH_UNSPECIFIED\x10\x00\x12\x15\n\x11HOST_HEALTH_READY\x10\x01\x12\x18\n\x14HOST_HEALTH_DEGRADED\x10\x02\x12\x14\n\x10HOST_HEALTH_DOWN\x10\x03*p\n\x07Support\x12\x17\n\x13SUPPORT_UNSPECIFIED\x10\x00\x12\x10\n\x0cSUPPORT_FULL\x10\x01\x12\x13\n\x0fSUPPORT_PARTIAL\x10\x02\x12\x13\n\x0fSUPPORT_IGNORED\x10\x03\x12\x10\n\x0cSUPPORT_NONE\x10\x04\x32\xf4\x01\n\x0bHostService\x12@\n\tListHosts\x12\x18.vmm.v1.ListHostsRequest\x1a\x19.vmm.v1.ListHostsResponse\x12:\n\x07GetHost\x12\x16.vmm.v1.GetHostRequest\x1a\x17.vmm.v1.GetHostResponse\x12g\n\x16GetBackendCapabilities\x12%.vmm.v1.GetBackendCapabilitiesRequest\x1a&.vmm.v1.GetBackendCapabilitiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HOST_LABELSENTRY']._loaded_options = None
   _globals['_HOST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_HOSTHEALTH']._serialized_start=1563
-  _globals['_HOSTHEALTH']._serialized_end=1675
-  _globals['_SUPPORT']._serialized_start=1677
-  _globals['_SUPPORT']._serialized_end=1789
+  _globals['_HOSTHEALTH']._serialized_start=1678
+  _globals['_HOSTHEALTH']._serialized_end=1790
+  _globals['_SUPPORT']._serialized_start=1792
+  _globals['_SUPPORT']._serialized_end=1904
   _globals['_RESOURCES']._serialized_start=29
   _globals['_RESOURCES']._serialized_end=77
   _globals['_HOST']._serialized_start=80
@@ -54,17 +54,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BACKENDCAPABILITIES']._serialized_start=1166
   _globals['_BACKENDCAPABILITIES']._serialized_end=1278
   _globals['_LISTHOSTSREQUEST']._serialized_start=1280
-  _globals['_LISTHOSTSREQUEST']._serialized_end=1298
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=1300
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=1348
-  _globals['_GETHOSTREQUEST']._serialized_start=1350
-  _globals['_GETHOSTREQUEST']._serialized_end=1383
-  _globals['_GETHOSTRESPONSE']._serialized_start=1385
-  _globals['_GETHOSTRESPONSE']._serialized_end=1430
-  _globals['_GETBACKENDCAPABILITIESREQUEST']._serialized_start=1432
-  _globals['_GETBACKENDCAPABILITIESREQUEST']._serialized_end=1480
-  _globals['_GETBACKENDCAPABILITIESRESPONSE']._serialized_start=1482
-  _globals['_GETBACKENDCAPABILITIESRESPONSE']._serialized_end=1561
-  _globals['_HOSTSERVICE']._serialized_start=1792
-  _globals['_HOSTSERVICE']._serialized_end=2036
+  _globals['_LISTHOSTSREQUEST']._serialized_end=1367
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=1369
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=1463
+  _globals['_GETHOSTREQUEST']._serialized_start=1465
+  _globals['_GETHOSTREQUEST']._serialized_end=1498
+  _globals['_GETHOSTRESPONSE']._serialized_start=1500
+  _globals['_GETHOSTRESPONSE']._serialized_end=1545
+  _globals['_GETBACKENDCAPABILITIESREQUEST']._serialized_start=1547
+  _globals['_GETBACKENDCAPABILITIESREQUEST']._serialized_end=1595
+  _globals['_GETBACKENDCAPABILITIESRESPONSE']._serialized_start=1597
+  _globals['_GETBACKENDCAPABILITIESRESPONSE']._serialized_end=1676
+  _globals['_HOSTSERVICE']._serialized_start=1907
+  _globals['_HOSTSERVICE']._serialized_end=2151
 # @@protoc_insertion_point(module_scope)

@@ -355,14 +355,33 @@ Global___BackendCapabilities: _TypeAlias = BackendCapabilities  # noqa: Y015
 
 @_typing.final
 class ListHostsRequest(_message.Message):
+    """Hosts in host_id order, a page at a time, like VmService.ListVms."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_CAPABILITIES_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many hosts; 0 means 100, and more than 1000 is read as 1000. A page
+    may hold fewer when its hosts are large; next_page_token then continues it.
+    """
+    page_token: _builtins.str
+    """A next_page_token from an earlier response; empty starts at the first host."""
+    include_capabilities: _builtins.bool
+    """Fill in Backend.capabilities (several KiB per backend). Left out by default:
+    GetBackendCapabilities serves the matrix, GetHost one host in full.
+    """
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_capabilities: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_capabilities", b"include_capabilities", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,16 +392,24 @@ class ListHostsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HOSTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_COUNT_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    total_count: _builtins.int
+    """Hosts in the fleet, on every page."""
     @_builtins.property
     def hosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Host]: ...
     def __init__(
         self,
         *,
         hosts: _abc.Iterable[Global___Host] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts", "next_page_token", b"next_page_token", "total_count", b"total_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

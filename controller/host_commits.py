@@ -1,0 +1,102 @@
+"""This replica's placements, committed per host in order and in batches.
+
+A placement decided in memory waits here for its host's turn. While one transaction for a
+host is in flight, later placements on that host queue up and go together in the next one,
+each checked against the allocation the previous one left. No decision waits for another
+host's commit, and the transaction's revision compare still guards against other replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from controller.errors import ApiError
+from controller.fleet import Fleet
+from controller.scheduler import Demand
+from controller.store import Store, StoredVm
+from vmm.store.v1 import records_pb2
+from vmm.v1 import host_pb2
+
+log = logging.getLogger(__name__)
+
+# VMs per transaction: etcd refuses more than 128 operations in one branch by default.
+MAX_BATCH = 64
+
+
+@dataclass
+class _Pending:
+    record: records_pb2.VmRecord
+    demand: Demand
+    # The stored VM; None when the host's room went elsewhere (decide again).
+    done: asyncio.Future[StoredVm | None]
+
+
+class HostCommits:
+    def __init__(self, store: Store, fleet: Fleet) -> None:
+        self.store = store
+        self.fleet = fleet
+        self._queues: dict[str, list[_Pending]] = {}
+        self._flushing: dict[str, asyncio.Task[None]] = {}
+
+    async def commit(self, record: records_pb2.VmRecord, demand: Demand) -> StoredVm | None:
+        """Store the VM on record.host_id with demand added to the host's allocation."""
+        pending = _Pending(record, demand, asyncio.get_running_loop().create_future())
+        host_id = record.host_id
+        self._queues.setdefault(host_id, []).append(pending)
+        if host_id not in self._flushing:
+            self._flushing[host_id] = asyncio.create_task(self._flush(host_id),
+                                                          name=f"commit {host_id}")
+        return await asyncio.shield(pending.done)
+
+    async def _flush(self, host_id: str) -> None:
+        try:
+            while queue := self._queues.get(host_id):
+                batch, self._queues[host_id] = queue[:MAX_BATCH], queue[MAX_BATCH:]
+                try:
+                    await self._commit_batch(host_id, batch)
+                except Exception as err:
+                    for pending in batch:
+                        if not pending.done.done():
+                            pending.done.set_exception(err)
+        finally:
+            self._queues.pop(host_id, None)
+            del self._flushing[host_id]
+
+    async def _commit_batch(self, host_id: str, batch: list[_Pending]) -> None:
+        base = self.fleet.allocation(host_id)
+        view = self.fleet.index.get(host_id)
+        allocated = base.allocation.allocated
+        vcpus, memory = allocated.vcpus, allocated.memory_bytes
+        taken: list[_Pending] = []
+        for pending in batch:
+            fits = view is not None and (vcpus + pending.demand.vcpus <= view.allocatable_vcpus
+                                         and memory + pending.demand.memory
+                                         <= view.allocatable_memory)
+            if not fits:
+                pending.done.set_result(None)  # another replica's VMs took the room
+                continue
+            vcpus += pending.demand.vcpus
+            memory += pending.demand.memory
+            taken.append(pending)
+        if not taken:
+            return
+        new_allocation = records_pb2.Allocation(
+            allocated=host_pb2.Resources(vcpus=vcpus, memory_bytes=memory),
+            vm_count=base.allocation.vm_count + len(taken))
+        result = await self.store.create_vms(host_id, [p.record for p in taken], base,
+                                             new_allocation)
+        self.fleet.note_allocation(host_id, result.allocation)
+        for pending in taken:
+            if result.created:
+                pending.done.set_result(StoredVm(pending.record, result.revision))
+            elif pending.record.vm_id in result.existing:
+                pending.done.set_exception(ApiError(
+                    grpc.StatusCode.ALREADY_EXISTS, f"vm {pending.record.vm_id!r} already exists"))
+            else:
+                pending.done.set_result(None)
+        if len(taken) > 1:
+            log.debug("committed %d VMs on host %s in one transaction", len(taken), host_id)
