@@ -14,7 +14,7 @@ commit lands or fails, so concurrent decisions do not hand out the same room twi
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -57,7 +57,7 @@ def density_score(host: HostView, free_vcpus: int, free_memory: int, need: Deman
 
 
 class ShapeGroup:
-    """Ready hosts of one backend class and one allocatable size.
+    """Ready hosts that offer the same backend classes and have the same allocatable size.
 
     Within the group, higher utilisation after placement means a smaller weight
     M * free_vcpus + C * free_memory, which integers compare exactly. by_weight lists the
@@ -66,13 +66,13 @@ class ShapeGroup:
     listing the non-empty ones in order) find it without looking at the full hosts.
     """
 
-    __slots__ = ("buckets", "by_weight", "class_id", "keys", "memory", "vcpus")
+    __slots__ = ("buckets", "by_weight", "class_ids", "keys", "memory", "vcpus")
 
     # Entries of by_weight tried before walking the buckets.
     SCAN = 8
 
-    def __init__(self, class_id: int, vcpus: int, memory: int) -> None:
-        self.class_id = class_id
+    def __init__(self, class_ids: tuple[int, ...], vcpus: int, memory: int) -> None:
+        self.class_ids = class_ids
         self.vcpus = max(vcpus, 1)
         self.memory = max(memory, 1)
         self.keys: list[int] = []
@@ -155,6 +155,26 @@ class _Entry:
         return (self.view.free_vcpus - self.reserved_vcpus,
                 self.view.free_memory - self.reserved_memory)
 
+    def best_fit(self, need: Demand) -> tuple[int, int, str] | None:
+        """This host, as a group of one (a request that names its host)."""
+        free_vcpus, free_memory = self.free
+        if free_vcpus >= need.vcpus and free_memory >= need.memory:
+            return free_vcpus, free_memory, self.view.host_id
+        return None
+
+
+def _searched(class_ids: tuple[int, ...], usable: dict[int, tuple[Demand, int]],
+              search: Callable[[Demand], tuple[int, int, str] | None]
+              ) -> Iterator[tuple[list[int], Demand, tuple[int, int, str]]]:
+    by_need: dict[Demand, list[int]] = {}
+    for class_id in class_ids:
+        if class_id in usable:
+            by_need.setdefault(usable[class_id][0], []).append(class_id)
+    for need, wanting in by_need.items():
+        hit = search(need)
+        if hit is not None:
+            yield wanting, need, hit
+
 
 @dataclass
 class _Candidate:
@@ -169,9 +189,8 @@ class FleetIndex:
         self._hosts: dict[str, _Entry] = {}
         self._class_ids: dict[bytes, int] = {}
         self._classes: list[BackendClass] = []
-        self._groups: dict[tuple[int, int, int], ShapeGroup] = {}
-        # class id -> its groups (ready hosts of every size).
-        self._groups_of: dict[int, list[ShapeGroup]] = {}
+        # (classes offered, allocatable vCPUs, memory) -> the ready hosts of that kind.
+        self._groups: dict[tuple[tuple[int, ...], int, int], ShapeGroup] = {}
         # class id -> ready hosts offering it, and hosts offering it at all.
         self._ready_count: dict[int, int] = {}
         self._members: dict[int, int] = {}
@@ -236,33 +255,31 @@ class FleetIndex:
             if class_id is None:
                 class_id = self._class_ids[cls.key] = len(self._classes)
                 self._classes.append(cls)
-                self._groups_of[class_id] = []
                 self._ready_count[class_id] = 0
                 self._members[class_id] = 0
             ids.append(class_id)
-        return tuple(ids)
+        return tuple(sorted(ids))
 
-    def _group(self, class_id: int, view: HostView) -> ShapeGroup:
-        key = (class_id, view.allocatable_vcpus, view.allocatable_memory)
+    def _group(self, entry: _Entry) -> ShapeGroup:
+        key = (entry.class_ids, entry.view.allocatable_vcpus, entry.view.allocatable_memory)
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = ShapeGroup(class_id, *key[1:])
-            self._groups_of[class_id].append(group)
+            group = self._groups[key] = ShapeGroup(*key)
         return group
 
     def _slot(self, entry: _Entry) -> None:
         if not entry.view.ready:
             return
         entry.slot = entry.free
+        self._group(entry).add(*entry.slot, entry.view.host_id)
         for class_id in entry.class_ids:
-            self._group(class_id, entry.view).add(*entry.slot, entry.view.host_id)
             self._ready_count[class_id] += 1
 
     def _unslot(self, entry: _Entry) -> None:
         if entry.slot is None:
             return
+        self._group(entry).discard(*entry.slot, entry.view.host_id)
         for class_id in entry.class_ids:
-            self._group(class_id, entry.view).discard(*entry.slot, entry.view.host_id)
             self._ready_count[class_id] -= 1
         entry.slot = None
 
@@ -284,9 +301,9 @@ class FleetIndex:
         verdicts: dict[int, BackendFit] = {}
         # Per backend name, the refusing class with the smallest key speaks for it.
         refusals: dict[str, tuple[bytes, BackendFit]] = {}
-        candidates: list[_Candidate] = []
-        class_ids = named.class_ids if named else range(len(self._classes))
-        for class_id in class_ids:
+        # Classes that can run the config: what the VM would hold there, its tie-break rank.
+        usable: dict[int, tuple[Demand, int]] = {}
+        for class_id in named.class_ids if named else range(len(self._classes)):
             cls = self._classes[class_id]
             if (backend and cls.name != backend) or not self._ready_count[class_id]:
                 continue
@@ -296,14 +313,17 @@ class FleetIndex:
                 if cls.name not in refusals or cls.key < refusals[cls.name][0]:
                     refusals[cls.name] = (cls.key, fit)
                 continue
-            need = cls.demand(config, reserve_max)
             rank = preference.index(cls.name) if cls.name in preference else len(preference)
-            for hit in self._hits(class_id, need, named):
-                host = self._hosts[hit[2]].view
+            usable[class_id] = (cls.demand(config, reserve_max), rank)
+        candidates: list[_Candidate] = []
+        for class_ids, need, hit in self._hits(usable, named):
+            host = self._hosts[hit[2]].view
+            score = -density_score(host, hit[0], hit[1], need)
+            for class_id in class_ids:
+                cls = self._classes[class_id]
                 candidates.append(_Candidate(
-                    (-density_score(host, hit[0], hit[1], need), cls.backend.simulated, rank,
-                     host.host_id),
-                    Choice(host, cls.backend, fit, need)))
+                    (score, cls.backend.simulated, usable[class_id][1], host.host_id),
+                    Choice(host, cls.backend, verdicts[class_id], need)))
         if candidates:
             if not backend and any(not c.choice.fit.warnings for c in candidates):
                 candidates = [c for c in candidates if not c.choice.fit.warnings]
@@ -318,29 +338,29 @@ class FleetIndex:
             why.demand = asked.demand(config, reserve_max)
         return why
 
-    def _hits(self, class_id: int, need: Demand,
-              named: _Entry | None) -> Iterable[tuple[int, int, str]]:
+    def _hits(self, usable: dict[int, tuple[Demand, int]], named: _Entry | None
+              ) -> Iterator[tuple[list[int], Demand, tuple[int, int, str]]]:
+        """(classes, demand, best host): per group, one search for each distinct demand of
+        the usable classes it offers."""
         if named is not None:
-            free_vcpus, free_memory = named.free
-            if free_vcpus >= need.vcpus and free_memory >= need.memory:
-                yield free_vcpus, free_memory, named.view.host_id
+            yield from _searched(named.class_ids, usable, named.best_fit)
             return
-        for group in self._groups_of[class_id]:
+        for group in self._groups.values():
             if group:
-                hit = group.best_fit(need)
-                if hit is not None:
-                    yield hit
+                yield from _searched(group.class_ids, usable, group.best_fit)
 
     def _roomiest(self, class_ids: list[int], named: _Entry | None) -> Room | None:
         if not class_ids:
             return None
         if named is not None:
             return Room(named.view.host_id, *named.free)
+        wanted = set(class_ids)
         best: tuple[int, int, str] | None = None
-        for class_id in class_ids:
-            for group in self._groups_of[class_id]:
-                top = group.roomiest() if group else None
-                if top is not None and (best is None or top[:2] > best[:2]
-                                        or (top[:2] == best[:2] and top[2] < best[2])):
-                    best = top
+        for group in self._groups.values():
+            if not group or wanted.isdisjoint(group.class_ids):
+                continue
+            top = group.roomiest()
+            if top is not None and (best is None or top[:2] > best[:2]
+                                    or (top[:2] == best[:2] and top[2] < best[2])):
+                best = top
         return Room(best[2], best[1], best[0]) if best else None
