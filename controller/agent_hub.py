@@ -361,8 +361,10 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         if old is not None:
             log.warning("host %s reconnected; replacing its previous session", host_id)
             old.send(agent_pb2.ConnectResponse())  # wakes the old writer; it will notice
+            self.telemetry.sessions_closed.inc()
         session.last_heartbeat = time.time()
         self.sessions[host_id] = session
+        self.telemetry.sessions_opened.inc()
         self._by_beat[host_id] = session
         self._by_beat.move_to_end(host_id)
         desired = [desired_vm(s.record) for s in self.cache.on_host(host_id)
@@ -381,6 +383,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         if self.sessions.get(host_id) is not session:
             return  # replaced by a newer session of the same host
         del self.sessions[host_id]
+        self.telemetry.sessions_closed.inc()
         self._by_beat.pop(host_id, None)
         self.departed[host_id] = time.monotonic()
         self._retune()

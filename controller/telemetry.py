@@ -108,6 +108,13 @@ class Telemetry:
         self.vm_deletions = Counter(
             "vmm_vm_deletions", "VMs removed from their host and forgotten",
             registry=self.registry)
+        self.sessions_opened = Counter(
+            "vmm_agent_sessions_opened", "Agent sessions registered on this controller",
+            registry=self.registry)
+        self.sessions_closed = Counter(
+            "vmm_agent_sessions_closed",
+            "Agent sessions that ended on this controller (stream closed or replaced)",
+            registry=self.registry)
 
     def register_collector(self, collector: Collector) -> None:
         """Add a scrape-time collector (controller.metrics.ControllerCollector)."""

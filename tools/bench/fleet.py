@@ -16,6 +16,7 @@ import itertools
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import grpc
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from controller.etcd import Compare, EtcdClient, Op
 from tools.bench.measure import rss_mib, summary_ms
@@ -38,7 +40,8 @@ PREFIX = "hollow-"
 HOSTS_PER_WORKER = 5000
 # The hollow preflight checks no files, so any kernel path will do.
 KERNEL = "/var/lib/vmm/hollow/vmlinux"
-IDLE_SECONDS = 10.0
+# The idle window: controller CPU is averaged over it, and no session may drop in it.
+IDLE_SECONDS = 300.0
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 << 20)]
 
 
@@ -133,13 +136,24 @@ async def wait_registered(address: str, hosts: int, budget: float) -> dict[str, 
     return out
 
 
-def idle_usage(pid: int, seconds: float) -> dict[str, Any]:
+def sessions_closed(http_port: int) -> float:
+    """Agent sessions the controller has seen end, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               if family.name == "vmm_agent_sessions_closed" for sample in family.samples
+               if sample.name.endswith("_total"))
+
+
+def idle_usage(pid: int, http_port: int, seconds: float) -> dict[str, Any]:
     proc = psutil.Process(pid)
+    closed = sessions_closed(http_port)
     before = proc.cpu_times()
     time.sleep(seconds)
     after = proc.cpu_times()
     busy = (after.user - before.user) + (after.system - before.system)
-    return {"cpu_cores": round(busy / seconds, 3), "seconds": seconds, "rss_mib": rss_mib(pid)}
+    return {"cpu_cores": round(busy / seconds, 3), "seconds": seconds, "rss_mib": rss_mib(pid),
+            "session_drops": int(sessions_closed(http_port) - closed)}
 
 
 async def create_throughput(address: str, clients: int, total: int,
@@ -225,7 +239,8 @@ def run_size(hosts: int, quick: bool, work: Path) -> dict[str, Any]:
         result["hollow_processes"] = workers
         result["registration"] = asyncio.run(
             wait_registered(cluster.address, hosts, register_budget))
-        result["controller_idle"] = idle_usage(cluster.controller.pid, IDLE_SECONDS)
+        result["controller_idle"] = idle_usage(cluster.controller.pid, cluster.http_port,
+                                               30.0 if quick else IDLE_SECONDS)
         result["heartbeat_retune"] = last_log_message(cluster.controller.log,
                                                       "heartbeat interval now")
         result["etcd_rss_mib"] = etcd_rss_mib(cluster)
@@ -279,7 +294,8 @@ def summary_line(run: dict[str, Any]) -> str:
     tp = run.get("create_throughput", {})
     etcd = run.get("etcd_txn_baseline", {})
     parts = [f"ready {reg.get('hosts_ready', 0)}/{run['hosts']} in {reg.get('seconds', '-')}s",
-             f"idle {idle.get('cpu_cores', '-')} cores {idle.get('rss_mib', '-')} MiB",
+             f"idle {idle.get('cpu_cores', '-')} cores {idle.get('rss_mib', '-')} MiB "
+             f"{idle.get('session_drops', '-')} session drops in {idle.get('seconds', '-')}s",
              f"creates {tp.get('creates_per_second', '-')}/s "
              f"p50 {tp.get('latency', {}).get('p50_ms', '-')} ms "
              f"p99 {tp.get('latency', {}).get('p99_ms', '-')} ms",
