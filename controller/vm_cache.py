@@ -3,6 +3,11 @@
 Reads (GetVmInfo, ListVms) are served from it; WatchVms streams and RPCs waiting
 for an agent's report subscribe to it. Every controller replica has its own,
 so a change written by any replica reaches all of them.
+
+A waiter is woken by its own VM's changes only, and as soon as either the watch or
+this replica's own committed write (note_write) brings them: a write etcd has
+acknowledged is durable, so it need not wait for its echo on a watch that carries
+every VM's changes.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ class VmCache:
         self._watched: dict[str, StoredVm] = {}
         self.revision = 0
         self._subscribers: set[asyncio.Queue[VmChange]] = set()
-        self._changed = asyncio.Condition()
+        # vm id -> the events of the wait_for calls waiting on a change of that VM.
+        self._waiters: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
@@ -91,10 +97,13 @@ class VmCache:
                 await asyncio.sleep(0.5)
 
     def note_write(self, stored: StoredVm) -> None:
-        """Apply our own write at once (read-your-writes) if the watch has not yet."""
-        cached = self.vms.get(stored.record.vm_id)
+        """Apply our own committed write at once (read-your-writes) if the watch has not
+        yet, and wake whoever waits on that VM."""
+        vm_id = stored.record.vm_id
+        cached = self.vms.get(vm_id)
         if cached is None or cached.revision < stored.revision:
-            self._store(stored.record.vm_id, stored)
+            self._store(vm_id, stored)
+            self._wake(vm_id)
 
     async def _apply(self, change: VmChange) -> None:
         cached = self.vms.get(change.vm_id)
@@ -109,8 +118,11 @@ class VmCache:
         self.revision = max(self.revision, change.revision)
         for queue in list(self._subscribers):
             queue.put_nowait(change)
-        async with self._changed:
-            self._changed.notify_all()
+        self._wake(change.vm_id)
+
+    def _wake(self, vm_id: str) -> None:
+        for event in self._waiters.get(vm_id, ()):
+            event.set()
 
     def _store(self, vm_id: str, stored: StoredVm | None) -> None:
         """Set (or, given None, drop) the cached record and keep `by_host` in step."""
@@ -156,7 +168,20 @@ class VmCache:
 
     async def wait_for(self, vm_id: str, predicate: Callable[[StoredVm | None], bool],
                        timeout: float) -> StoredVm | None:
-        """Wait until predicate(cached record) holds; raises TimeoutError after timeout."""
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: predicate(self.vms.get(vm_id)))
+        """Wait until predicate(cached record) holds; raises TimeoutError after timeout.
+        O(1) per change of other VMs: only this VM's changes wake it."""
+        if predicate(self.vms.get(vm_id)):
+            return self.vms.get(vm_id)
+        event = asyncio.Event()
+        waiters = self._waiters.setdefault(vm_id, set())
+        waiters.add(event)
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self.vms.get(vm_id)):
+                    await event.wait()
+                    event.clear()
+        finally:
+            waiters.discard(event)
+            if not waiters and self._waiters.get(vm_id) is waiters:
+                del self._waiters[vm_id]
         return self.vms.get(vm_id)

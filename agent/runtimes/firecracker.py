@@ -16,6 +16,13 @@ Everything needed after an agent restart is in the VM's runtime.json: the
 process reference (pid, start time), `booted_at` once the guest was started and
 `stopped_at` once the agent stopped it. The in-memory samples only serve rate
 calculations and are rebuilt when missing.
+
+A Firecracker process changes its instance state only when its API is asked to
+(InstanceStart, pause, resume), and otherwise only by exiting. So the state this
+runtime itself saw or set on a process that is still alive is the state it is in:
+observe answers from it without a round trip to the API, and asks the API for any
+process this agent run has not driven (an adopted one) or after an API call that
+failed part way.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from agent.hypervisors.firecracker_api import (
     BootSource,
     Drive,
     FirecrackerApi,
+    InstanceInfo,
     InstanceState,
     MachineConfig,
     NetworkInterface,
@@ -130,6 +138,15 @@ _VM_STATES: dict[str, vm_pb2.VmState.ValueType] = {
 
 # Module that runs the API simulator when no firecracker-sim script is on PATH.
 SIMULATOR_MODULE = "tools.simulators.firecracker"
+
+
+@dataclass(frozen=True)
+class _Known:
+    """The instance state this runtime last saw or set on one process."""
+
+    ref: ProcessRef
+    state: str  # an InstanceState value
+    vmm_version: str
 
 
 
@@ -326,6 +343,8 @@ class FirecrackerRuntime(Runtime):
         self.command: tuple[str, ...] = tuple(command) if command else (binary,)
         self._version: str | None = None
         self._samples: dict[Path, _VmSamples] = {}
+        # VM dir -> the instance state of its process, as this runtime last saw or set it.
+        self._known: dict[Path, _Known] = {}
         # One keep-alive API client per VM for FlushMetrics.
         self._metrics_clients: ClientCache[FirecrackerApi] = ClientCache(
             partial(FirecrackerApi, timeout=METRICS_TIMEOUT))
@@ -389,31 +408,41 @@ class FirecrackerRuntime(Runtime):
         if ref is None:
             ref = await self._start_process(vm, desired)
         since = console_offset(vm)
+        self._known.pop(vm.path, None)
         async with self._api(vm) as api:
-            state = (await api.instance_info()).state
-            if state == InstanceState.RUNNING:
+            info = await api.instance_info()
+            if info.state == InstanceState.RUNNING:
+                self._note(vm, ref, info.state, info.vmm_version)
                 return
-            if state == InstanceState.PAUSED:
+            if info.state == InstanceState.PAUSED:
                 raise RuntimeFailure(f"VM {vm.vm_id} is paused: resume it rather than boot it")
             await api.start_instance()
         self._record(vm, ref, booted_at=time.time())
+        self._note(vm, ref, InstanceState.RUNNING, info.vmm_version)
         marker = ready_marker(desired.config.boot.boot_options)
         if marker:
             await wait_for_console_marker(vm, marker, self.settings.boot_timeout, since,
                                           alive=lambda: process.is_alive(ref))
 
     async def pause(self, vm: VmDir) -> None:
-        self._require_process(vm)
+        ref = self._require_process(vm)
+        known = self._known.pop(vm.path, None)
         async with self._api(vm) as api:
             await api.pause()
+        if known is not None:
+            self._note(vm, ref, InstanceState.PAUSED, known.vmm_version)
 
     async def resume(self, vm: VmDir) -> None:
-        self._require_process(vm)
+        ref = self._require_process(vm)
+        known = self._known.pop(vm.path, None)
         async with self._api(vm) as api:
             await api.resume()
+        if known is not None:
+            self._note(vm, ref, InstanceState.RUNNING, known.vmm_version)
 
     # The Runtime interface names the parameter `timeout`.
     async def shutdown(self, vm: VmDir, force: bool, timeout: float) -> None:
+        self._known.pop(vm.path, None)
         ref = self.live_process(vm)
         if ref is not None:
             if not force:
@@ -431,6 +460,7 @@ class FirecrackerRuntime(Runtime):
         await self.boot(vm, desired)
 
     async def destroy(self, vm: VmDir) -> None:
+        self._known.pop(vm.path, None)
         await super().destroy(vm)
         self._samples.pop(vm.path, None)
         await self._metrics_clients.discard(vm.api_socket)
@@ -450,6 +480,12 @@ class FirecrackerRuntime(Runtime):
                                    detail=f"stopped by the agent ({detail})", backend_info=info)
             return Observation(alive=False, pid=ref.pid, detail=detail,
                                clean_exit=process.exit_status(ref) == 0, backend_info=info)
+        known = self._known.get(vm.path)
+        if known is not None and known.ref == ref:
+            # This runtime drove the process to that state and it is still alive.
+            info["firecracker_version"] = known.vmm_version
+            return Observation(alive=True, state=_VM_STATES[known.state], pid=ref.pid,
+                               backend_info=info)
         try:
             async with FirecrackerApi(vm.api_socket, timeout=2.0) as api:
                 instance = await api.instance_info()
@@ -512,6 +548,11 @@ class FirecrackerRuntime(Runtime):
     def _record(self, vm: VmDir, ref: ProcessRef, **extra: object) -> None:
         self.save_process(vm, ref, api_socket=str(vm.api_socket), **extra)
 
+    def _note(self, vm: VmDir, ref: ProcessRef, state: str, vmm_version: str) -> None:
+        """Remember the state an API call of this runtime just saw or left the process in."""
+        if state in _VM_STATES:
+            self._known[vm.path] = _Known(ref, state, vmm_version)
+
     def _require_process(self, vm: VmDir) -> ProcessRef:
         ref = self.live_process(vm)
         if ref is None:
@@ -521,6 +562,7 @@ class FirecrackerRuntime(Runtime):
     async def _start_process(self, vm: VmDir, desired: agent_pb2.DesiredVm) -> ProcessRef:
         """A fresh Firecracker process for vm, configured from desired and not started."""
         config = translate(desired.config)  # before anything changes on the host
+        self._known.pop(vm.path, None)
         leftover = self.load_process(vm)
         if leftover is not None:  # e.g. from a create that was interrupted
             await process.kill(leftover)
@@ -536,7 +578,7 @@ class FirecrackerRuntime(Runtime):
         self._record(vm, ref)
         self._samples.pop(vm.path, None)
         try:
-            await self._wait_for_api(vm, ref)
+            info = await self._wait_for_api(vm, ref)
             async with self._api(vm) as api:
                 # Info level: Firecracker then logs every API request it serves, an audit
                 # trail of what the agent asked of it.
@@ -554,10 +596,13 @@ class FirecrackerRuntime(Runtime):
             vm.api_socket.unlink(missing_ok=True)
             vm.clear_runtime()
             raise
+        # Configuration leaves the instance as the first answer found it: not started.
+        self._note(vm, ref, info.state, info.vmm_version)
         log.info("firecracker_configured vm_id=%s pid=%d", vm.vm_id, ref.pid)
         return ref
 
-    async def _wait_for_api(self, vm: VmDir, ref: ProcessRef) -> None:
+    async def _wait_for_api(self, vm: VmDir, ref: ProcessRef) -> InstanceInfo:
+        """The process's first answer on its API socket."""
         deadline = time.monotonic() + self.settings.socket_timeout
         try:
             await process.wait_for_socket(vm.api_socket, ref, self.settings.socket_timeout)
@@ -568,8 +613,7 @@ class FirecrackerRuntime(Runtime):
         while True:
             try:
                 async with self._api(vm) as api:
-                    await api.instance_info()
-                return
+                    return await api.instance_info()
             except RuntimeFailure:
                 if time.monotonic() > deadline or not process.is_alive(ref):
                     raise
