@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import signal
 from collections.abc import Callable
 
@@ -72,3 +73,31 @@ def test_leader_forgets_a_deletion_whose_host_never_returns(
         agent.signal(signal.SIGKILL)
     wait_until(lambda: cluster.vms.ListVms(vm_pb2.ListVmsRequest()).total_count == 0,
                timeout=30, what="the deletion to be completed by the leader")
+
+
+def test_the_same_id_created_on_two_replicas_at_once_exists_once(
+        cluster: Cluster, example: Callable[[str], vm_pb2.VmConfig]) -> None:
+    """Neither replica may have the other's record cached yet: the create transaction's
+    guard decides, and the loser hears ALREADY_EXISTS, not a second VM."""
+    cluster.add_agent("h1", vcpus=64, memory=64 << 30)
+    _, address = cluster.add_controller("replica-b")
+    with grpc.insecure_channel(address) as channel:
+        stubs = [cluster.vms, vm_pb2_grpc.VmServiceStub(channel)]
+        wait_until(lambda: stubs[1].ListVms(vm_pb2.ListVmsRequest()) is not None,
+                   what="the second replica serving")
+
+        def create(vm_id: str, stub: vm_pb2_grpc.VmServiceStub) -> grpc.StatusCode:
+            try:
+                stub.CreateVm(vm_pb2.CreateVmRequest(vm_id=vm_id, config=example("ci-runner")))
+                return grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                return err.code()
+
+        ids = [f"twice-{i}" for i in range(6)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+            outcomes = {vm_id: sorted(pool.map(lambda s, v=vm_id: create(v, s), stubs),
+                                      key=lambda c: c.value[0]) for vm_id in ids}
+    for vm_id, codes in outcomes.items():
+        assert codes == [grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS], (vm_id, codes)
+    listed = [v.vm_id for v in cluster.vms.ListVms(vm_pb2.ListVmsRequest()).vms]
+    assert sorted(listed) == ids

@@ -49,7 +49,10 @@ class LifecycleRpcs:
         if violations:
             raise invalid(violations)
         vm_id = request.vm_id or new_vm_id()
-        if self.ops.cache.get(vm_id) or await self.ops.store.get_vm(vm_id):
+        # The cache answers the common case; a record it has not seen yet (another replica's,
+        # written a moment ago) fails the create transaction's guard instead of costing every
+        # create an etcd read.
+        if self.ops.cache.get(vm_id):
             raise ApiError(grpc.StatusCode.ALREADY_EXISTS, f"vm {vm_id!r} already exists")
 
         stored = await self.placer.place_and_store(vm_id, request)
