@@ -224,9 +224,11 @@ class Reconciler:
 
     def _publish(self, vm: VmDir, status: agent_pb2.VmStatus) -> None:
         self.status[vm.vm_id] = status
+        # Report first: the controller's caller waits on it, and the file only helps a
+        # restarted agent, which observes the hypervisor again anyway.
+        self.report(status)
         if vm.exists():
             vm.save_status(status)
-        self.report(status)
 
     async def _remove(self, vm_id: str, force: bool) -> None:
         async with self.lock(vm_id):

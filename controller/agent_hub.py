@@ -26,7 +26,7 @@ import grpc
 
 from controller.etcd import EtcdError, EtcdUnavailable, LeaseNotFound
 from controller.liveness import HeartbeatPolicy, ReplicaLease
-from controller.store import Store, now
+from controller.store import Store, StoredVm, now
 from controller.telemetry import Telemetry
 from controller.vm_cache import VmCache, VmChange
 from vmm.agent.v1 import agent_pb2, agent_pb2_grpc
@@ -476,9 +476,28 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                     self.telemetry.vm_state_changed(old_state, new.state)
                 return True
 
-            stored = await self.store.mutate_vm(status.vm_id, change, known=cached)
+            reported = records_pb2.VmRecord()
+            reported.CopyFrom(cached.record)
+            reported.status.CopyFrom(new)
+            ahead = StoredVm(reported, cached.revision)
+            self.cache.note_report(ahead)
+            try:
+                stored = await self.store.mutate_vm(status.vm_id, change, known=cached)
+            except BaseException:
+                self.cache.forget_report(ahead, cached)
+                raise
             if stored is not None:
                 self.cache.note_write(stored)
+            if stored is None or stored.revision == cached.revision:
+                self.cache.forget_report(ahead, cached)  # nothing written after all
+
+    async def status_settled(self, vm_id: str) -> None:
+        """Wait until no report of this VM is on its way to etcd, so that a change built on
+        the cached record does not race the report's write (and lose its compare)."""
+        lock = self._status_locks.get(vm_id)
+        if lock is not None and lock.locked():
+            async with lock:
+                pass
 
     def host_of(self, host_id: str) -> AgentSession | None:
         return self.sessions.get(host_id)
