@@ -69,7 +69,7 @@ class Controller:
         self.http = HealthEndpoint(self.etcd.status, self._backends,
                                    metrics=self.telemetry.registry)
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            TracingInterceptor(self.telemetry.tracer)]
+            TracingInterceptor(self.telemetry.tracer)] if self.telemetry.tracing else []
         tokens = load_tokens(config.auth_tokens, config.auth_tokens_file)
         if tokens:
             interceptors.insert(0, TokenInterceptor(tokens))
