@@ -10,7 +10,6 @@ import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from controller import config as config_module
 from controller.agent_hub import AgentHub
@@ -24,6 +23,7 @@ from controller.fleet import Fleet
 from controller.health_http import HealthEndpoint
 from controller.leader import Leadership
 from controller.metrics import ControllerCollector
+from controller.reflection import enable_reflection
 from controller.store import Store
 from controller.telemetry import Telemetry, TracingInterceptor
 from controller.vm_cache import VmCache
@@ -94,8 +94,7 @@ class Controller:
         host_pb2_grpc.add_HostServiceServicer_to_server(HostService(self.fleet), self.server)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self.hub, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         if self.config.tls_cert_file:
             port = self.server.add_secure_port(self.config.listen, server_credentials(
                 self.config.tls_cert_file, self.config.tls_key_file,

@@ -10,8 +10,9 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -55,6 +56,25 @@ def test_grpc_health_and_reflection(cluster: Cluster) -> None:
     service = pool.FindServiceByName("vmm.v1.VmService")
     assert "CreateVm" in service.methods_by_name
     assert pool.FindMessageTypeByName("vmm.v1.VmConfig").fields_by_name["cpu"].number == 1
+
+
+def test_reflection_answers_v1_as_current_clients_ask_first(cluster: Cluster) -> None:
+    assert cluster.channel is not None
+    call = cluster.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    listed, found = call(iter([
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="vmm.v1.VmService"),
+    ]), timeout=30)
+    services = {s.name for s in listed.list_services_response.service}
+    assert {"vmm.v1.VmService", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= services
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in found.file_descriptor_response.file_descriptor_proto]
+    assert any(f.name == "vmm/v1/vm.proto" and f.service[0].name == "VmService"
+               for f in files)
 
 
 def test_calls_fail_unavailable_while_etcd_is_down(

@@ -242,6 +242,28 @@ def test_watch_streams_existing_vms_then_changes(
     stream.cancel()
 
 
+def test_watch_announces_a_new_vm_with_its_first_state_and_each_change_once(
+        cluster: Cluster, example: Callable[[str], vm_pb2.VmConfig]) -> None:
+    cluster.add_agent("h1")
+    stream = cluster.vms.WatchVms(vm_pb2.WatchVmsRequest(), timeout=60)
+    cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="w2", config=example("ci-runner")))
+    cluster.vms.BootVm(vm_pb2.BootVmRequest(vm_id="w2"))
+    cluster.vms.PauseVm(vm_pb2.PauseVmRequest(vm_id="w2"))
+    cluster.vms.ResumeVm(vm_pb2.ResumeVmRequest(vm_id="w2"))
+    cluster.vms.DeleteVm(vm_pb2.DeleteVmRequest(vm_id="w2", force=True))
+    events = []
+    for event in stream:
+        events.append((vm_pb2.VmEventType.Name(event.type), vm_pb2.VmState.Name(event.vm.state)))
+        if event.type == vm_pb2.VM_EVENT_TYPE_DELETED:
+            break
+    stream.cancel()
+    assert events == [("VM_EVENT_TYPE_CREATED", "VM_STATE_CREATED"),
+                      ("VM_EVENT_TYPE_UPDATED", "VM_STATE_RUNNING"),
+                      ("VM_EVENT_TYPE_UPDATED", "VM_STATE_PAUSED"),
+                      ("VM_EVENT_TYPE_UPDATED", "VM_STATE_RUNNING"),
+                      ("VM_EVENT_TYPE_DELETED", "VM_STATE_RUNNING")]
+
+
 def test_generated_ids_are_unique_and_caller_ids_are_honoured(
         cluster: Cluster, example: Callable[[str], vm_pb2.VmConfig]) -> None:
     cluster.add_agent("h1", vcpus=64, memory=64 * GIB)

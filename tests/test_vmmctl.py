@@ -458,6 +458,17 @@ def test_json_output_uses_the_proto_field_names(server: str, fake: FakeVmService
     assert camel == []
 
 
+@pytest.mark.parametrize("args", [("list", "-o", "json"), ("list", "--output=json"),
+                                  ("list", "--all", "-ojson")])
+def test_output_option_is_accepted_after_the_command(
+        server: str, fake: FakeVmService, args: tuple[str, ...]) -> None:
+    result = run(server, *args)
+
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert [vm["vm_id"] for vm in listed["vms"]][:1] == [FLEET[0].vm_id]
+
+
 def test_get_table_shows_reason_placement_metrics_and_backend_info(
     server: str, fake: FakeVmService,
 ) -> None:

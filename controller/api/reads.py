@@ -70,27 +70,45 @@ class ReadRpcs:
     async def WatchVms(self, request: vm_pb2.WatchVmsRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[vm_pb2.WatchVmsResponse]:
-        ids, states = set(request.vm_ids), set(request.state_filter)
+        """Each VM once its agent has reported it, then each change of its state.
 
-        def wanted(info: vm_pb2.VmInfo) -> bool:
-            return (not ids or info.vm_id in ids) and (not states or info.state in states)
+        A VM whose agent has not reported yet (state UNSPECIFIED) is not announced: its
+        first event carries its first real state. Writes that leave the state as it was
+        (a new desired state, metrics, a reason) send nothing."""
+        ids, states = set(request.vm_ids), set(request.state_filter)
+        # The last state this watch saw of each VM, sent or filtered out by state.
+        seen: dict[str, vm_pb2.VmState.ValueType] = {}
+
+        def event(info: vm_pb2.VmInfo, new_kind: vm_pb2.VmEventType.ValueType,
+                  revision: int) -> vm_pb2.WatchVmsResponse | None:
+            if (ids and info.vm_id not in ids) or info.state == vm_pb2.VM_STATE_UNSPECIFIED:
+                return None
+            last = seen.get(info.vm_id)
+            if last == info.state:
+                return None
+            seen[info.vm_id] = info.state
+            if states and info.state not in states:
+                return None
+            kind = new_kind if last is None else vm_pb2.VM_EVENT_TYPE_UPDATED
+            return vm_pb2.WatchVmsResponse(type=kind, vm=info, revision=revision)
 
         async with self.ops.cache.subscribe() as changes:
             for _, stored in sorted(self.ops.cache.vms.items()):
-                info = self.vm_info(stored.record)
-                if wanted(info):
-                    yield vm_pb2.WatchVmsResponse(type=vm_pb2.VM_EVENT_TYPE_EXISTING, vm=info,
-                                                  revision=stored.revision)
+                if reply := event(self.vm_info(stored.record), vm_pb2.VM_EVENT_TYPE_EXISTING,
+                                  stored.revision):
+                    yield reply
             while True:
                 change = await changes.get()
-                if change.current is None:
-                    if change.previous is None:
-                        continue
+                if change.current is not None:
+                    reply = event(self.vm_info(change.current.record),
+                                  vm_pb2.VM_EVENT_TYPE_CREATED, change.revision)
+                elif change.previous is not None and change.vm_id in seen:
+                    del seen[change.vm_id]
                     info = self.vm_info(change.previous.record)
-                    kind = vm_pb2.VM_EVENT_TYPE_DELETED
+                    reply = (vm_pb2.WatchVmsResponse(type=vm_pb2.VM_EVENT_TYPE_DELETED, vm=info,
+                                                     revision=change.revision)
+                             if not states or info.state in states else None)
                 else:
-                    info = self.vm_info(change.current.record)
-                    kind = (vm_pb2.VM_EVENT_TYPE_CREATED if change.previous is None
-                            else vm_pb2.VM_EVENT_TYPE_UPDATED)
-                if wanted(info) or (ids and info.vm_id in ids):
-                    yield vm_pb2.WatchVmsResponse(type=kind, vm=info, revision=change.revision)
+                    reply = None
+                if reply is not None:
+                    yield reply

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click.core import Context as ClickContext
+from typer.core import TyperGroup
 
 from tools.vmmctl import console, hosts, hotplug, vms
 from tools.vmmctl.connection import DEFAULT_SERVER, OutputFormat, Settings
@@ -30,8 +32,46 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_SERVER_ERROR", "EXIT_UNREACHABLE", "EXIT_US
            "main"]
 
 
+# The output option is global, but kubectl users type it after the command too.
+OUTPUT_FLAGS = ("-o", "--output")
+# Global options that take a value: what follows them is not the command's name.
+GLOBAL_VALUE_OPTIONS = ("--server", "-s", *OUTPUT_FLAGS, "--timeout", "--token", "--ca-cert")
+
+
+class VmmctlGroup(TyperGroup):
+    def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_output_option(args))
+
+
+def hoist_output_option(args: list[str]) -> list[str]:
+    """args with each -o/--output given after the command moved before it."""
+    hoisted: list[str] = []
+    rest: list[str] = []
+    seen_command = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if seen_command and arg in OUTPUT_FLAGS and i + 1 < len(args):
+            hoisted += args[i:i + 2]
+            i += 2
+            continue
+        if seen_command and (arg.startswith("--output=") or
+                             (arg.startswith("-o") and not arg.startswith("--"))):
+            hoisted.append(arg)
+        else:
+            if not arg.startswith("-") and not (rest and rest[-1] in GLOBAL_VALUE_OPTIONS):
+                seen_command = True
+            rest.append(arg)
+        i += 1
+    return hoisted + rest
+
+
 app = typer.Typer(
     name="vmmctl",
+    cls=VmmctlGroup,
     help="Manage microVMs and hosts of a vmm-control-plane fleet.",
     no_args_is_help=True,
     add_completion=False,
