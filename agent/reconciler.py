@@ -13,12 +13,13 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 
+from agent.guest_panic import PANIC_REASON, PanicScanner
 from agent.runtimes.base import (
     GuestNotReady,
     Runtime,
     RuntimeFailure,
     RuntimeSettings,
-    console_tail,
+    with_console_tail,
 )
 from agent.vm_dir import StateDir, VmDir
 from vmm.agent.v1 import agent_pb2
@@ -46,6 +47,7 @@ class Reconciler:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._monitor: asyncio.Task[None] | None = None
+        self.panics = PanicScanner()
 
     def lock(self, vm_id: str) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())
@@ -168,7 +170,11 @@ class Reconciler:
                 await runtime.shutdown(vm, policy.force or actual != S.VM_STATE_RUNNING, timeout)
             return
         if target in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED):
+            if actual == S.VM_STATE_FAILED and runtime.live_process(vm) is not None:
+                # A panicked guest's hypervisor may live on; the boot starts afresh.
+                await runtime.shutdown(vm, True, 0)
             if actual in (S.VM_STATE_CREATED, S.VM_STATE_SHUTDOWN, S.VM_STATE_FAILED):
+                self.panics.booting(vm)
                 await runtime.boot(vm, desired)
                 actual = S.VM_STATE_RUNNING
             elif actual == S.VM_STATE_PAUSED and target == S.VM_STATE_RUNNING:
@@ -176,6 +182,7 @@ class Reconciler:
                 actual = S.VM_STATE_RUNNING
             last_epoch = last.reboot_epoch if last else 0
             if desired.reboot_epoch != last_epoch and actual == S.VM_STATE_RUNNING:
+                self.panics.booting(vm)
                 await runtime.reboot(vm, desired, desired.force_reboot)
             if target == S.VM_STATE_PAUSED and actual == S.VM_STATE_RUNNING:
                 await runtime.pause(vm)
@@ -198,11 +205,24 @@ class Reconciler:
         obs = await runtime.observe(vm)
         status.pid = obs.pid
         status.backend_info.update(obs.backend_info)
+        booted = last is not None and last.state in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED)
+        panic = self.panics.scan(vm) if booted or obs.guest_panic else None
+        if obs.guest_panic:
+            panic = panic or PANIC_REASON
         if obs.alive:
             status.state = obs.state or (last.state if last else S.VM_STATE_CREATED)
+            if panic:
+                status.state = S.VM_STATE_FAILED
+                status.reason = with_console_tail(vm, panic)
+            elif status.state == S.VM_STATE_FAILED:
+                status.reason = with_console_tail(vm, obs.detail or "the hypervisor failed")
             return status
         created = vm.runtime_file.exists()
-        if stopped_on_request:
+        if panic and not stopped_on_request and last is not None \
+                and last.state != S.VM_STATE_FAILED:
+            status.state = S.VM_STATE_FAILED
+            status.reason = with_console_tail(vm, panic)
+        elif stopped_on_request:
             status.state = S.VM_STATE_SHUTDOWN
             status.reason = "shut down on request"
         elif last is None or last.state == S.VM_STATE_UNSPECIFIED or (
@@ -216,10 +236,7 @@ class Reconciler:
             status.reason = "the guest powered off"
         else:
             status.state = S.VM_STATE_FAILED
-            tail = console_tail(vm, 10)
-            status.reason = obs.detail or "the hypervisor process is gone"
-            if tail:
-                status.reason += f"; console tail:\n{tail}"
+            status.reason = with_console_tail(vm, obs.detail or "the hypervisor process is gone")
         return status
 
     def _publish(self, vm: VmDir, status: agent_pb2.VmStatus) -> None:
@@ -246,6 +263,7 @@ class Reconciler:
                     log.exception("destroying vm %s failed", vm_id, extra={"vm_id": vm_id})
             vm.remove()
             self.status.pop(vm_id, None)
+            self.panics.forget(vm_id)
             log.info("removed vm %s", vm_id, extra={"vm_id": vm_id})
             self.report(agent_pb2.VmStatus(vm_id=vm_id, removed=True, backend=backend))
 
@@ -266,16 +284,32 @@ class Reconciler:
                 if lock.locked() or desired is None or runtime is None:
                     continue
                 vm = self.state.vm(vm_id)
-                if runtime.live_process(vm) is not None:
+                if runtime.live_process(vm) is not None and not self._guest_panicked(
+                        runtime, vm, status):
                     continue
                 async with lock:
                     with contextlib.suppress(Exception):
-                        observed = await self._observe(vm, desired)
-                        if observed.state != status.state:
-                            log.warning("vm %s is now %s: %s", vm_id, S.Name(observed.state),
-                                        observed.reason.splitlines()[0] if observed.reason
-                                        else "", extra={"vm_id": vm_id})
-                            self._publish(vm, observed)
+                        await self._check(runtime, vm, desired, status)
+
+    def _guest_panicked(self, runtime: Runtime, vm: VmDir, status: agent_pb2.VmStatus) -> bool:
+        if status.state == S.VM_STATE_CREATED:
+            return False
+        return self.panics.scan(vm) is not None or runtime.guest_panic_reported(vm)
+
+    async def _check(self, runtime: Runtime, vm: VmDir, desired: agent_pb2.DesiredVm,
+                     status: agent_pb2.VmStatus) -> None:
+        """Publish what a VM whose process ended or whose guest panicked is now."""
+        observed = await self._observe(vm, desired)
+        if observed.state == status.state:
+            return
+        log.warning("vm %s is now %s: %s", vm.vm_id, S.Name(observed.state),
+                    observed.reason.splitlines()[0] if observed.reason else "",
+                    extra={"vm_id": vm.vm_id})
+        self._publish(vm, observed)
+        if observed.state == S.VM_STATE_FAILED and runtime.live_process(vm) is not None:
+            # A panicked guest stays dead (or reboots into the same panic): stop its
+            # hypervisor, which frees what it holds; the VM stays FAILED.
+            await runtime.shutdown(vm, True, 0)
 
     # ---- requests -------------------------------------------------------------------
 

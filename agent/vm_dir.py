@@ -7,6 +7,7 @@
     (api socket)   the hypervisor's API socket (QMP for QEMU) lives in <state_dir>/sockets/,
                    named by a digest of the VM id, to stay within the Unix socket path limit
     console.log    the guest serial console (the hypervisor's stdout/stderr)
+    console.boot   the size console.log had when the guest last booted
     metrics.json   hypervisor metrics output, where the backend writes a file
     hypervisor.log hypervisor's own log, where the backend writes one
 """
@@ -58,6 +59,10 @@ class VmDir:
     @property
     def hypervisor_log(self) -> Path:
         return self.path / "hypervisor.log"
+
+    @property
+    def console_boot_file(self) -> Path:
+        return self.path / "console.boot"
 
     @property
     def desired_file(self) -> Path:
@@ -115,6 +120,17 @@ class VmDir:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
+
+    def save_console_boot_offset(self, offset: int) -> None:
+        self.create()
+        _write_atomically(self.console_boot_file, str(offset))
+
+    def load_console_boot_offset(self) -> int:
+        """Where the guest's last boot began in console.log (0 when never recorded)."""
+        try:
+            return int(self.console_boot_file.read_text())
+        except (OSError, ValueError):
+            return 0
 
     def clear_runtime(self) -> None:
         self.runtime_file.unlink(missing_ok=True)

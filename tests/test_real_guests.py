@@ -252,6 +252,28 @@ def test_linux_guest_powers_itself_off_on_graceful_shutdown_and_boots_again(
     delete_leaves_nothing(qemu_cluster, state, "linux-2", second_pid)
 
 
+def test_linux_guest_without_a_root_device_panics_and_is_reported_failed(
+        qemu_cluster: Cluster, linux: LinuxGuest) -> None:
+    """The support matrix's Lambda example failed this way: the kernel cannot mount its root
+    file system and panics; the VM must not stay RUNNING."""
+    add_qemu_agent(qemu_cluster)
+    config = vm_pb2.VmConfig(
+        cpu=vm_pb2.CpuConfig(vcpu_count=1), memory=vm_pb2.MemoryConfig(size_bytes=256 * MIB),
+        boot=vm_pb2.BootConfig(kernel_path=str(linux.bzimage), kernel_args=linux.cmdline))
+    create_and_boot(qemu_cluster, "no-root", config)
+    pid = qemu_pid(qemu_cluster, "no-root")
+
+    failed = wait_until(lambda: (i := info(qemu_cluster, "no-root")).state == S.VM_STATE_FAILED
+                        and i, timeout=OPERATION_TIMEOUT, what="the panicked VM to be FAILED")
+    assert isinstance(failed, vm_pb2.GetVmInfoResponse)
+    reason = failed.state_reason
+    assert reason.startswith("guest kernel panic: VFS: Unable to mount root fs"), reason
+    assert "console tail:" in reason and "Kernel panic - not syncing" in reason
+    # The dead guest's hypervisor is stopped; the VM stays FAILED, and boots again on request.
+    wait_until(lambda: process_gone(pid), what=f"qemu {pid} to be stopped")
+    assert info(qemu_cluster, "no-root").state == S.VM_STATE_FAILED
+
+
 # ---- the tiny guest ---------------------------------------------------------------------
 
 

@@ -48,6 +48,8 @@ class Observation:
     detail: str = ""
     # Whether the process ended cleanly (the guest powered off / rebooted).
     clean_exit: bool = False
+    # The hypervisor reported a guest kernel panic (a pvpanic device).
+    guest_panic: bool = False
     backend_info: dict[str, str] = field(default_factory=dict)
 
 
@@ -166,6 +168,11 @@ class Runtime(ABC):
     def load_process(self, vm: VmDir) -> ProcessRef | None:
         return ProcessRef.from_dict(vm.load_runtime())
 
+    def guest_panic_reported(self, vm: VmDir) -> bool:
+        """Whether the hypervisor has reported a guest kernel panic (pvpanic) that observe
+        would see. Called for every running VM on each monitor pass: cheap, no API call."""
+        return False
+
     def live_process(self, vm: VmDir) -> ProcessRef | None:
         ref = self.load_process(vm)
         return ref if ref is not None and process.is_alive(ref) else None
@@ -220,3 +227,9 @@ def console_tail(vm: VmDir, lines: int = 20, max_bytes: int = 64 * 1024) -> str:
         return ""
     text = data.decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:])
+
+
+def with_console_tail(vm: VmDir, reason: str, lines: int = 10) -> str:
+    """A failure reason followed by the last lines of the guest's console."""
+    tail = console_tail(vm, lines)
+    return f"{reason}; console tail:\n{tail}" if tail else reason

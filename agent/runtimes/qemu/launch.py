@@ -74,7 +74,11 @@ def build_launch(binary: str, vm: VmDir, config: vm_pb2.VmConfig,
         "-cpu", accel.cpu_model,
         # QEMU's defaults, spelled out because the runtime relies on them: a guest
         # power-off ends the process, a guest reboot resets the machine in place.
-        "-action", "shutdown=poweroff,reboot=reset",
+        # A guest kernel panic reported through pvpanic stops the guest where it is
+        # (QMP status guest-panicked), so the agent sees it even after its own restart.
+        "-action", "shutdown=poweroff,reboot=reset,panic=pause",
+        # The ISA pvpanic device (port 0x505, described in ACPI) works on microvm and q35.
+        "-device", "pvpanic",
     ]
     machine_props = [f"{machine.value}", f"accel={accel.accel.value}"]
     argv += _smp_args(config)

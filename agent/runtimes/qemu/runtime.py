@@ -246,7 +246,8 @@ class QemuRuntime(Runtime):
         info["qmp_status"] = status
         state = _VM_STATES.get(status, vm_pb2.VM_STATE_PAUSED)
         detail = "" if status in {"prelaunch", "running", "paused"} else f"QEMU reports {status!r}"
-        return Observation(alive=True, state=state, pid=ref.pid, detail=detail, backend_info=info)
+        return Observation(alive=True, state=state, pid=ref.pid, detail=detail, backend_info=info,
+                           guest_panic=status == "guest-panicked")
 
     async def metrics(self, vm: VmDir) -> vm_pb2.VmMetrics:
         return await self._metrics.read(vm)
