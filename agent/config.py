@@ -51,6 +51,10 @@ class AgentConfig:
     # normally VMs outlive agent restarts and are adopted).
     stop_vms_on_exit: bool = False
     labels: list[str] = field(default_factory=list)
+    # Make and remove the TAP devices of NICs that name a bridge (needs CAP_NET_ADMIN).
+    manage_network: bool = True
+    # Bridges to create at start where missing (VM NICs attach to any bridge the host has).
+    bridges: list[str] = field(default_factory=list)
     log_level: str = "info"
 
     def binary_for(self, backend: str) -> str:

@@ -12,6 +12,7 @@ import signal
 from agent import config as config_module
 from agent.config import AgentConfig
 from agent.metrics import AgentTelemetry, MetricsSampler, serve_metrics
+from agent.network.host import HostNetwork
 from agent.reconciler import Reconciler
 from agent.runtimes import RUNTIME_CLASSES, detect_runtimes
 from agent.runtimes.base import Runtime, RuntimeSettings
@@ -40,7 +41,9 @@ class Agent:
             runtime_settings(config), config.backends or None)
         settings = RuntimeSettings(default_shutdown_timeout=config.shutdown_timeout,
                                    boot_timeout=config.boot_timeout)
-        self.reconciler = Reconciler(self.state, self.runtimes, self._report, settings)
+        network = HostNetwork(config.host_id) if config.manage_network else None
+        self.reconciler = Reconciler(self.state, self.runtimes, self._report, settings,
+                                     network)
         self.sampler = MetricsSampler(self.reconciler, config.metrics_interval,
                                       config.metrics_concurrency)
         self.telemetry = AgentTelemetry(self.reconciler, self.sampler, config.host_id)
@@ -56,6 +59,8 @@ class Agent:
                      " (simulated)" if runtime.simulated else "")
         if not self.runtimes:
             log.warning("no backend is available on this host")
+        if self.reconciler.network is not None:
+            await self.reconciler.network.ensure_bridges(self.config.bridges)
         adopted = await self.reconciler.adopt_all()
         log.info("adopted %d VMs from %s", len(adopted), self.state.root)
         self.reconciler.start_monitor()

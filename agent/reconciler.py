@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Coroutine
 
 from agent.guest_panic import PANIC_REASON, PanicScanner
+from agent.network.host import HostNetwork
 from agent.runtimes.base import (
     GuestNotReady,
     Runtime,
@@ -37,8 +38,14 @@ MONITOR_BATCH = 50
 class Reconciler:
     def __init__(self, state: StateDir, runtimes: dict[str, Runtime],
                  report: Callable[[agent_pb2.VmStatus], None],
-                 settings: RuntimeSettings | None = None) -> None:
+                 settings: RuntimeSettings | None = None,
+                 network: HostNetwork | None = None) -> None:
         self.state = state
+        # Makes and removes the VMs' TAPs; None leaves host devices alone (NICs name
+        # existing TAPs only).
+        self.network = network
+        # Each VM's NICs as the host runs them (TAP, MAC, address).
+        self.nics: dict[str, list[vm_pb2.NetworkInterfaceStatus]] = {}
         self.runtimes = runtimes
         self.report = report
         self.settings = settings or RuntimeSettings()
@@ -63,11 +70,16 @@ class Reconciler:
                 self.status[vm.vm_id] = agent_pb2.VmStatus(vm_id=vm.vm_id)
                 continue
             self.desired[vm.vm_id] = desired
+            if self.network is not None:
+                resolved = await self.network.resolve(vm.vm_id, desired.config)
+                self.nics[vm.vm_id] = self.network.status(resolved)
             status = await self._observe(vm, desired)
             self.status[vm.vm_id] = status
             vm.save_status(status)
             log.info("adopted vm %s: %s pid %d", vm.vm_id, S.Name(status.state), status.pid,
                      extra={"vm_id": vm.vm_id})
+        if self.network is not None:
+            await self.network.sweep({vm_id: d.config for vm_id, d in self.desired.items()})
         return list(self.status.values())
 
     def start_monitor(self) -> None:
@@ -163,7 +175,12 @@ class Reconciler:
         if actual == S.VM_STATE_UNSPECIFIED:  # nothing exists yet
             if target == S.VM_STATE_SHUTDOWN:
                 return
-            await runtime.create(vm, desired)
+            runnable = await self._runnable(vm.vm_id, desired)
+            try:
+                await runtime.create(vm, runnable)
+            except BaseException:
+                await self._release_network(vm.vm_id, desired.config)
+                raise
             actual = S.VM_STATE_CREATED
         if target == S.VM_STATE_SHUTDOWN:
             if actual != S.VM_STATE_SHUTDOWN:
@@ -175,7 +192,7 @@ class Reconciler:
                 await runtime.shutdown(vm, True, 0)
             if actual in (S.VM_STATE_CREATED, S.VM_STATE_SHUTDOWN, S.VM_STATE_FAILED):
                 self.panics.booting(vm)
-                await runtime.boot(vm, desired)
+                await runtime.boot(vm, await self._runnable(vm.vm_id, desired))
                 actual = S.VM_STATE_RUNNING
             elif actual == S.VM_STATE_PAUSED and target == S.VM_STATE_RUNNING:
                 await runtime.resume(vm)
@@ -183,9 +200,29 @@ class Reconciler:
             last_epoch = last.reboot_epoch if last else 0
             if desired.reboot_epoch != last_epoch and actual == S.VM_STATE_RUNNING:
                 self.panics.booting(vm)
-                await runtime.reboot(vm, desired, desired.force_reboot)
+                await runtime.reboot(vm, await self._runnable(vm.vm_id, desired),
+                                     desired.force_reboot)
             if target == S.VM_STATE_PAUSED and actual == S.VM_STATE_RUNNING:
                 await runtime.pause(vm)
+
+    async def _runnable(self, vm_id: str, desired: agent_pb2.DesiredVm) -> agent_pb2.DesiredVm:
+        """The desired VM as its hypervisor is to run it: managed TAPs made and named."""
+        if self.network is None:
+            return desired
+        runnable = agent_pb2.DesiredVm()
+        runnable.CopyFrom(desired)
+        runnable.config.CopyFrom(await self.network.attach(vm_id, desired.config))
+        self.nics[vm_id] = self.network.status(runnable.config)
+        return runnable
+
+    async def _release_network(self, vm_id: str, config: vm_pb2.VmConfig) -> None:
+        self.nics.pop(vm_id, None)
+        if self.network is not None:
+            try:
+                await self.network.release(vm_id, config)
+            except Exception:
+                log.exception("removing the taps of vm %s failed", vm_id,
+                              extra={"vm_id": vm_id})
 
     async def _observe(self, vm: VmDir, desired: agent_pb2.DesiredVm,
                        stopped_on_request: bool = False) -> agent_pb2.VmStatus:
@@ -205,6 +242,7 @@ class Reconciler:
         obs = await runtime.observe(vm)
         status.pid = obs.pid
         status.backend_info.update(obs.backend_info)
+        status.network_interfaces.extend(self.nics.get(vm.vm_id, ()))
         booted = last is not None and last.state in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED)
         panic = self.panics.scan(vm) if booted or obs.guest_panic else None
         if obs.guest_panic:
@@ -261,6 +299,8 @@ class Reconciler:
                     await runtime.destroy(vm)
                 except Exception:
                     log.exception("destroying vm %s failed", vm_id, extra={"vm_id": vm_id})
+            if desired is not None:
+                await self._release_network(vm_id, desired.config)
             vm.remove()
             self.status.pop(vm_id, None)
             self.panics.forget(vm_id)
@@ -318,7 +358,10 @@ class Reconciler:
         if runtime is None:
             return [agent_pb2.FieldViolation(
                 field="backend", description=f"{request.backend} is not available on this host")]
-        return runtime.preflight(request.vm_id, request.config)
+        if self.network is None:
+            return runtime.preflight(request.vm_id, request.config)
+        config, violations = self.network.preflight(request.vm_id, request.config)
+        return violations + runtime.preflight(request.vm_id, config)
 
     async def hotplug(self, request: agent_pb2.HotplugRequest) -> agent_pb2.HotplugResult:
         desired = self.desired.get(request.vm_id)
@@ -327,12 +370,37 @@ class Reconciler:
         runtime = self.runtimes[desired.backend]
         async with self.lock(request.vm_id):
             vm = self.state.vm(request.vm_id)
-            config = await runtime.hotplug(vm, request)
+            config = await self._hotplug_with_network(runtime, vm, desired, request)
             desired.config.CopyFrom(config)
             vm.save_desired(desired)
             status = await self._observe(vm, desired)
             self._publish(vm, status)
             return agent_pb2.HotplugResult(config=config, state=status.state)
+
+    async def _hotplug_with_network(self, runtime: Runtime, vm: VmDir,
+                                    desired: agent_pb2.DesiredVm,
+                                    request: agent_pb2.HotplugRequest) -> vm_pb2.VmConfig:
+        """The runtime's hotplug, with a new NIC's TAP made before the device and a removed
+        NIC's TAP removed after it."""
+        network = self.network
+        if network is None or request.WhichOneof("change") not in ("attach_nic", "detach_nic"):
+            return await runtime.hotplug(vm, request)
+        if request.HasField("attach_nic"):
+            resolved = agent_pb2.HotplugRequest()
+            resolved.CopyFrom(request)
+            nic = await network.attach_nic(vm.vm_id, request.attach_nic,
+                                           len(desired.config.network))
+            resolved.attach_nic.CopyFrom(nic)
+            try:
+                config = await runtime.hotplug(vm, resolved)
+            except BaseException:
+                await network.release_nic(vm.vm_id, nic.id)
+                raise
+        else:
+            config = await runtime.hotplug(vm, request)
+            await network.release_nic(vm.vm_id, request.detach_nic)
+        self.nics[vm.vm_id] = network.status(config)
+        return config
 
     def metrics_targets(self) -> list[tuple[str, str]]:
         """(vm_id, backend) of every VM whose metrics are worth sampling: running or paused

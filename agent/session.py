@@ -69,6 +69,8 @@ class ControllerSession:
         self._settings_changed = asyncio.Event()
         self.heartbeats_sent = 0
         self._was_connected = False
+        # The host's bridges as of the last registration.
+        self.bridges: list[str] = []
 
     @property
     def heartbeat_interval(self) -> float:
@@ -94,7 +96,7 @@ class ControllerSession:
             memory_overcommit_ratio=cfg.memory_overcommit_ratio,
             backends=[r.describe() for r in self.runtimes.values()],
             vms=list(self.reconciler.status.values()), agent_version=AGENT_VERSION,
-            labels=cfg.label_map())
+            labels=cfg.label_map(), bridges=self.bridges)
 
     def backoff(self) -> wait_random_exponential:
         """Random waits in [0, min(cap, initial * 2^(attempt-1))]."""
@@ -130,6 +132,8 @@ class ControllerSession:
 
     async def _stream(self) -> None:
         self.heartbeat_settings = None  # each controller (re)states its own
+        if self.reconciler.network is not None:
+            self.bridges = await self.reconciler.network.bridges()
         outbound: asyncio.Queue[agent_pb2.ConnectRequest] = asyncio.Queue()
         outbound.put_nowait(agent_pb2.ConnectRequest(register=self.registration()))
 

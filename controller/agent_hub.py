@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # Status fields worth a write to etcd when they change (metrics are kept in memory).
 _DURABLE_STATUS_FIELDS = ("observed_generation", "state", "reason", "error", "error_code", "pid",
-                          "backend", "reboot_epoch", "removed")
+                          "backend", "reboot_epoch", "removed", "network_interfaces")
 
 
 def desired_message(record: records_pb2.VmRecord) -> agent_pb2.ConnectResponse:
@@ -334,6 +334,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                 cpu_overcommit_ratio=reg.cpu_overcommit_ratio or 1.0,
                 memory_overcommit_ratio=reg.memory_overcommit_ratio or 1.0,
                 backends=reg.backends, labels=reg.labels, agent_version=reg.agent_version,
+                bridges=reg.bridges,
                 registered_timestamp=existing.registered_timestamp if existing else now())
             changed = existing is None or existing != record
             while True:

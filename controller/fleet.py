@@ -136,7 +136,8 @@ class Fleet:
             allocatable_vcpus=limit.vcpus, allocatable_memory=limit.memory_bytes,
             allocated_vcpus=allocated.vcpus, allocated_memory=allocated.memory_bytes,
             allocation_revision=alloc.revision if alloc else 0,
-            vm_count=alloc.allocation.vm_count if alloc else 0)
+            vm_count=alloc.allocation.vm_count if alloc else 0,
+            bridges=frozenset(record.bridges))
 
     def capabilities(self, host_id: str, backend: str) -> host_pb2.BackendCapabilities | None:
         session = self.hub.host_of(host_id)
@@ -173,7 +174,7 @@ class Fleet:
             memory_overcommit_ratio=record.memory_overcommit_ratio, backends=record.backends,
             vm_count=alloc.allocation.vm_count if alloc else 0,
             registered_timestamp=record.registered_timestamp, labels=record.labels,
-            agent_version=record.agent_version)
+            agent_version=record.agent_version, bridges=record.bridges)
         if session is not None:
             # Connected, but an agent that stopped reporting is DEGRADED: do not trust it.
             host.health, host.health_detail = self.hub.health_of(session)

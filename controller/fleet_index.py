@@ -18,7 +18,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from controller.scheduler import Choice, Demand, HostView, NoPlacement, Room, demand_for
+from controller.scheduler import (
+    Choice,
+    Demand,
+    HostView,
+    NoPlacement,
+    Room,
+    bridges_for,
+    demand_for,
+)
 from controller.validation import BackendFit, check_backend
 from vmm import features
 from vmm.v1 import host_pb2, vm_pb2
@@ -57,7 +65,8 @@ def density_score(host: HostView, free_vcpus: int, free_memory: int, need: Deman
 
 
 class ShapeGroup:
-    """Ready hosts that offer the same backend classes and have the same allocatable size.
+    """Ready hosts that offer the same backend classes and bridges (fleet networks) and
+    have the same allocatable size.
 
     Within the group, higher utilisation after placement means a smaller weight
     M * free_vcpus + C * free_memory, which integers compare exactly. by_weight lists the
@@ -66,13 +75,15 @@ class ShapeGroup:
     listing the non-empty ones in order) find it without looking at the full hosts.
     """
 
-    __slots__ = ("buckets", "by_weight", "class_ids", "keys", "memory", "vcpus")
+    __slots__ = ("bridges", "buckets", "by_weight", "class_ids", "keys", "memory", "vcpus")
 
     # Entries of by_weight tried before walking the buckets.
     SCAN = 8
 
-    def __init__(self, class_ids: tuple[int, ...], vcpus: int, memory: int) -> None:
+    def __init__(self, class_ids: tuple[int, ...], vcpus: int, memory: int,
+                 bridges: frozenset[str] = frozenset()) -> None:
         self.class_ids = class_ids
+        self.bridges = bridges
         self.vcpus = max(vcpus, 1)
         self.memory = max(memory, 1)
         self.keys: list[int] = []
@@ -189,8 +200,8 @@ class FleetIndex:
         self._hosts: dict[str, _Entry] = {}
         self._class_ids: dict[bytes, int] = {}
         self._classes: list[BackendClass] = []
-        # (classes offered, allocatable vCPUs, memory) -> the ready hosts of that kind.
-        self._groups: dict[tuple[tuple[int, ...], int, int], ShapeGroup] = {}
+        # (classes offered, allocatable vCPUs, memory, bridges) -> the ready hosts of that kind.
+        self._groups: dict[tuple[tuple[int, ...], int, int, frozenset[str]], ShapeGroup] = {}
         # class id -> ready hosts offering it, and hosts offering it at all.
         self._ready_count: dict[int, int] = {}
         self._members: dict[int, int] = {}
@@ -261,7 +272,8 @@ class FleetIndex:
         return tuple(sorted(ids))
 
     def _group(self, entry: _Entry) -> ShapeGroup:
-        key = (entry.class_ids, entry.view.allocatable_vcpus, entry.view.allocatable_memory)
+        key = (entry.class_ids, entry.view.allocatable_vcpus, entry.view.allocatable_memory,
+               entry.view.bridges)
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = ShapeGroup(*key)
@@ -298,6 +310,11 @@ class FleetIndex:
         named = self._hosts.get(host_id) if host_id else None
         if host_id and (named is None or named.slot is None):
             return why
+        bridges = bridges_for(config)
+        if bridges and not (bridges <= named.view.bridges if named else any(
+                group and bridges <= group.bridges for group in self._groups.values())):
+            why.missing_bridges = bridges
+            return why
         verdicts: dict[int, BackendFit] = {}
         # Per backend name, the refusing class with the smallest key speaks for it.
         refusals: dict[str, tuple[bytes, BackendFit]] = {}
@@ -316,7 +333,7 @@ class FleetIndex:
             rank = preference.index(cls.name) if cls.name in preference else len(preference)
             usable[class_id] = (cls.demand(config, reserve_max), rank)
         candidates: list[_Candidate] = []
-        for class_ids, need, hit in self._hits(usable, named):
+        for class_ids, need, hit in self._hits(usable, named, bridges):
             host = self._hosts[hit[2]].view
             score = -density_score(host, hit[0], hit[1], need)
             for class_id in class_ids:
@@ -331,25 +348,26 @@ class FleetIndex:
         ok = [cid for cid, fit in verdicts.items() if fit.ok]
         if not ok:
             why.backend_violations = {name: fit.violations for name, (_, fit) in refusals.items()}
-        why.roomiest = self._roomiest(ok, named)
+        why.roomiest = self._roomiest(ok, named, bridges)
         asked = min((self._classes[cid] for cid in ok if self._classes[cid].name == backend),
                     key=lambda cls: cls.key, default=None)
         if asked:
             why.demand = asked.demand(config, reserve_max)
         return why
 
-    def _hits(self, usable: dict[int, tuple[Demand, int]], named: _Entry | None
-              ) -> Iterator[tuple[list[int], Demand, tuple[int, int, str]]]:
-        """(classes, demand, best host): per group, one search for each distinct demand of
-        the usable classes it offers."""
+    def _hits(self, usable: dict[int, tuple[Demand, int]], named: _Entry | None,
+              bridges: frozenset[str]) -> Iterator[tuple[list[int], Demand, tuple[int, int, str]]]:
+        """(classes, demand, best host): per group that has the bridges, one search for
+        each distinct demand of the usable classes it offers."""
         if named is not None:
             yield from _searched(named.class_ids, usable, named.best_fit)
             return
         for group in self._groups.values():
-            if group:
+            if group and bridges <= group.bridges:
                 yield from _searched(group.class_ids, usable, group.best_fit)
 
-    def _roomiest(self, class_ids: list[int], named: _Entry | None) -> Room | None:
+    def _roomiest(self, class_ids: list[int], named: _Entry | None,
+                  bridges: frozenset[str]) -> Room | None:
         if not class_ids:
             return None
         if named is not None:
@@ -357,7 +375,7 @@ class FleetIndex:
         wanted = set(class_ids)
         best: tuple[int, int, str] | None = None
         for group in self._groups.values():
-            if not group or wanted.isdisjoint(group.class_ids):
+            if not group or wanted.isdisjoint(group.class_ids) or not bridges <= group.bridges:
                 continue
             top = group.roomiest()
             if top is not None and (best is None or top[:2] > best[:2]

@@ -27,6 +27,8 @@ class HostView:
     # etcd mod_revision of the host's allocation key (0 if absent): the CAS guard.
     allocation_revision: int = 0
     vm_count: int = 0
+    # Bridges its agent can attach NICs to: the fleet networks it offers.
+    bridges: frozenset[str] = frozenset()
 
     @property
     def free_vcpus(self) -> int:
@@ -85,6 +87,13 @@ class NoPlacement:
     roomiest: Room | None = None
     # What was asked: the named backend's demand, else the boot size.
     demand: Demand = Demand(0, 0)
+    # The bridges of the config's networks, when no ready host has all of them.
+    missing_bridges: frozenset[str] = frozenset()
+
+
+def bridges_for(config: vm_pb2.VmConfig) -> frozenset[str]:
+    """The bridges a host needs for the config's fleet networks."""
+    return frozenset(nic.bridge for nic in config.network if nic.network and nic.bridge)
 
 
 def demand_for(config: vm_pb2.VmConfig, reserve_max: bool) -> Demand:

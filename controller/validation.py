@@ -151,8 +151,9 @@ def check_nic(nic: vm_pb2.NetworkInterface, prefix: str) -> list[Violation]:
                 f"{nic.mac_address!r} is a multicast address; a NIC needs a unicast one"))
     # vhost-user and SR-IOV (VFIO) interfaces have no TAP device on the host.
     kind = nic.interface_type.lower()
-    if kind not in features.VHOST_USER_TYPES | features.SRIOV_TYPES and not nic.tap_device:
-        out.append(Violation(f"{prefix}.tap_device", "is required"))
+    if kind not in features.VHOST_USER_TYPES | features.SRIOV_TYPES and not (
+            nic.tap_device or nic.network):
+        out.append(Violation(f"{prefix}.tap_device", "is required (or a network)"))
     elif len(nic.tap_device) > 15:
         out.append(Violation(f"{prefix}.tap_device",
                              f"{nic.tap_device!r} is longer than the 15 characters Linux allows"))

@@ -44,6 +44,8 @@ BACKENDS = [
     firecracker("1.10.0", 8, False), cloud_hypervisor("53.0", 448, False),
     cloud_hypervisor("53.0", 448, True), cloud_hypervisor("48.0", 16, False),
 ]
+# Host bridges of fleet networks: each host has a random subset.
+BRIDGES = ["br-mgmt", "br-data", "br-storage"]
 SHAPES = [(16, 32 * GIB), (32, 64 * GIB), (64, 256 * GIB), (8, 8 * GIB)]
 
 
@@ -55,9 +57,10 @@ def random_host(rnd: random.Random, host_id: str, fullness: float) -> HostView:
     used_memory = min(memory, int(memory * fullness * rnd.random() * 2) // MIB * MIB)
     if rnd.random() < 0.05:
         used_vcpus += 2  # overcommitted past a capacity that shrank
+    bridges = frozenset(b for b in BRIDGES if rnd.random() < 0.6)
     return HostView(host_id=host_id, ready=rnd.random() < 0.9, backends=backends,
                     allocatable_vcpus=vcpus, allocatable_memory=memory,
-                    allocated_vcpus=used_vcpus, allocated_memory=used_memory)
+                    allocated_vcpus=used_vcpus, allocated_memory=used_memory, bridges=bridges)
 
 
 def random_config(rnd: random.Random) -> vm_pb2.VmConfig:
@@ -68,6 +71,10 @@ def random_config(rnd: random.Random) -> vm_pb2.VmConfig:
         config.cpu.max_vcpu_count = config.cpu.vcpu_count * rnd.choice([1, 2, 4])
     if rnd.random() < 0.1:
         config.memory.backing["hugepages"] = "2M"
+    for bridge in BRIDGES:
+        if rnd.random() < 0.25:
+            config.network.add(id=f"n-{bridge}", network=bridge.removeprefix("br-"),
+                               bridge=bridge)
     return config
 
 
@@ -82,6 +89,7 @@ def same_decision(got: Choice | NoPlacement, want: Choice | NoPlacement) -> None
     assert got.backend_violations == want.backend_violations
     assert got.roomiest == want.roomiest
     assert got.demand == want.demand
+    assert got.missing_bridges == want.missing_bridges
 
 
 def decide_both(rnd: random.Random, hosts: list[HostView], index: FleetIndex) -> None:
@@ -145,7 +153,8 @@ def with_reservations(view: HostView, demands: list[Demand]) -> HostView:
                     allocatable_vcpus=view.allocatable_vcpus,
                     allocatable_memory=view.allocatable_memory,
                     allocated_vcpus=view.allocated_vcpus + sum(d.vcpus for d in demands),
-                    allocated_memory=view.allocated_memory + sum(d.memory for d in demands))
+                    allocated_memory=view.allocated_memory + sum(d.memory for d in demands),
+                    bridges=view.bridges)
 
 
 def test_full_fleet_names_the_roomiest_host() -> None:

@@ -47,7 +47,8 @@ class ReadRpcs:
             state_reason=self._reason(record), desired_state=record.desired_state,
             generation=record.generation, observed_generation=record.status.observed_generation,
             created_timestamp=record.created_timestamp,
-            modified_timestamp=record.modified_timestamp)
+            modified_timestamp=record.modified_timestamp,
+            network_interfaces=record.status.network_interfaces)
 
     @api_method
     async def ListVms(self, request: vm_pb2.ListVmsRequest,

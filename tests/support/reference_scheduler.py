@@ -8,7 +8,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 from controller.fleet_index import backend_class
-from controller.scheduler import Choice, HostView, NoPlacement, Room, demand_for
+from controller.scheduler import Choice, HostView, NoPlacement, Room, bridges_for, demand_for
 from controller.validation import check_backend
 from vmm.v1 import vm_pb2
 
@@ -17,6 +17,12 @@ def reference_place(config: vm_pb2.VmConfig, hosts: list[HostView], backend: str
                     host_id: str = "", preference: tuple[str, ...] = (),
                     reserve_max: bool = True) -> Choice | NoPlacement:
     why = NoPlacement()
+    bridges = bridges_for(config)
+    eligible = [h for h in hosts if h.ready and (not host_id or h.host_id == host_id)]
+    if bridges and (eligible or not host_id) and not any(bridges <= h.bridges
+                                                         for h in eligible):
+        # (A named host that is not ready is refused for that reason alone.)
+        return NoPlacement(demand=demand_for(config, False), missing_bridges=bridges)
     any_ok = False
     refusals: dict[str, tuple[bytes, list]] = {}
     full: list[HostView] = []
@@ -35,6 +41,8 @@ def reference_place(config: vm_pb2.VmConfig, hosts: list[HostView], backend: str
                     refusals[name] = (cls.key, fit.violations)
                 continue
             any_ok = True
+            if not bridges <= host.bridges:
+                continue  # cannot attach the VM's networks
             need = demand_for(config, reserve_max and cls.honours_max_vcpus)
             if need.vcpus > host.free_vcpus or need.memory > host.free_memory:
                 full.append(host)

@@ -134,6 +134,8 @@ class Host(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    BRIDGES_FIELD_NUMBER: _builtins.int
+    NETWORKS_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     hostname: _builtins.str
     health: Global___HostHealth.ValueType
@@ -163,6 +165,12 @@ class Host(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def metrics(self) -> Global___HostMetrics: ...
+    @_builtins.property
+    def bridges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Additive: the host's bridges, and the fleet networks on them (NetworkService)."""
+
+    @_builtins.property
+    def networks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -182,10 +190,12 @@ class Host(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         agent_version: _builtins.str = ...,
         metrics: Global___HostMetrics | None = ...,
+        bridges: _abc.Iterable[_builtins.str] | None = ...,
+        networks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocatable", b"allocatable", "allocated", b"allocated", "capacity", b"capacity", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocatable", b"allocatable", "allocated", b"allocated", "backends", b"backends", "capacity", b"capacity", "cpu_overcommit_ratio", b"cpu_overcommit_ratio", "health", b"health", "health_detail", b"health_detail", "host_id", b"host_id", "hostname", b"hostname", "labels", b"labels", "last_heartbeat_timestamp", b"last_heartbeat_timestamp", "memory_overcommit_ratio", b"memory_overcommit_ratio", "metrics", b"metrics", "registered_timestamp", b"registered_timestamp", "vm_count", b"vm_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocatable", b"allocatable", "allocated", b"allocated", "backends", b"backends", "bridges", b"bridges", "capacity", b"capacity", "cpu_overcommit_ratio", b"cpu_overcommit_ratio", "health", b"health", "health_detail", b"health_detail", "host_id", b"host_id", "hostname", b"hostname", "labels", b"labels", "last_heartbeat_timestamp", b"last_heartbeat_timestamp", "memory_overcommit_ratio", b"memory_overcommit_ratio", "metrics", b"metrics", "networks", b"networks", "registered_timestamp", b"registered_timestamp", "vm_count", b"vm_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -401,10 +401,32 @@ class NetworkInterface(_message.Message):
     TAP_DEVICE_FIELD_NUMBER: _builtins.int
     INTERFACE_TYPE_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    BRIDGE_FIELD_NUMBER: _builtins.int
+    IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
+    MTU_FIELD_NUMBER: _builtins.int
+    VLAN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     mac_address: _builtins.str
+    """Empty: the agent derives a stable locally administered MAC from the VM and NIC ids."""
     tap_device: _builtins.str
+    """A bridge on the host: the agent makes a TAP for this NIC on it (and removes it with
+    the VM). An existing TAP: used as it is and never removed.
+    """
     interface_type: _builtins.str
+    network: _builtins.str
+    """Additive: a fleet network (NetworkService). The controller places the VM on a host
+    that has its bridge, allocates the NIC an address and fills in the fields below.
+    """
+    bridge: _builtins.str
+    """Filled in by the controller from the network: the host bridge, the NIC's address
+    ("10.0.0.5/24"), the gateway, the MTU and the VLAN (0: untagged).
+    """
+    ip_address: _builtins.str
+    gateway: _builtins.str
+    mtu: _builtins.int
+    vlan: _builtins.int
     @_builtins.property
     def options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -415,14 +437,61 @@ class NetworkInterface(_message.Message):
         tap_device: _builtins.str = ...,
         interface_type: _builtins.str = ...,
         options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        network: _builtins.str = ...,
+        bridge: _builtins.str = ...,
+        ip_address: _builtins.str = ...,
+        gateway: _builtins.str = ...,
+        mtu: _builtins.int = ...,
+        vlan: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "interface_type", b"interface_type", "mac_address", b"mac_address", "options", b"options", "tap_device", b"tap_device"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bridge", b"bridge", "gateway", b"gateway", "id", b"id", "interface_type", b"interface_type", "ip_address", b"ip_address", "mac_address", b"mac_address", "mtu", b"mtu", "network", b"network", "options", b"options", "tap_device", b"tap_device", "vlan", b"vlan"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NetworkInterface: _TypeAlias = NetworkInterface  # noqa: Y015
+
+@_typing.final
+class NetworkInterfaceStatus(_message.Message):
+    """A NIC as its host runs it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    TAP_DEVICE_FIELD_NUMBER: _builtins.int
+    MAC_ADDRESS_FIELD_NUMBER: _builtins.int
+    IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    BRIDGE_FIELD_NUMBER: _builtins.int
+    MANAGED_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    network: _builtins.str
+    tap_device: _builtins.str
+    """The host device the hypervisor opens."""
+    mac_address: _builtins.str
+    ip_address: _builtins.str
+    bridge: _builtins.str
+    managed: _builtins.bool
+    """True when the agent made the TAP (and removes it with the VM)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        network: _builtins.str = ...,
+        tap_device: _builtins.str = ...,
+        mac_address: _builtins.str = ...,
+        ip_address: _builtins.str = ...,
+        bridge: _builtins.str = ...,
+        managed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bridge", b"bridge", "id", b"id", "ip_address", b"ip_address", "mac_address", b"mac_address", "managed", b"managed", "network", b"network", "tap_device", b"tap_device"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetworkInterfaceStatus: _TypeAlias = NetworkInterfaceStatus  # noqa: Y015
 
 @_typing.final
 class ConsoleConfig(_message.Message):
@@ -827,6 +896,7 @@ class GetVmInfoResponse(_message.Message):
     OBSERVED_GENERATION_FIELD_NUMBER: _builtins.int
     CREATED_TIMESTAMP_FIELD_NUMBER: _builtins.int
     MODIFIED_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    NETWORK_INTERFACES_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     state: Global___VmState.ValueType
     state_reason: _builtins.str
@@ -846,6 +916,10 @@ class GetVmInfoResponse(_message.Message):
     def placement(self) -> Global___Placement:
         """Additive."""
 
+    @_builtins.property
+    def network_interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___NetworkInterfaceStatus]:
+        """Additive: each NIC's TAP, MAC, address and network, as its host reports them."""
+
     def __init__(
         self,
         *,
@@ -861,10 +935,11 @@ class GetVmInfoResponse(_message.Message):
         observed_generation: _builtins.int = ...,
         created_timestamp: _builtins.int = ...,
         modified_timestamp: _builtins.int = ...,
+        network_interfaces: _abc.Iterable[Global___NetworkInterfaceStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "metrics", b"metrics", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_info", b"backend_info", "config", b"config", "created_timestamp", b"created_timestamp", "desired_state", b"desired_state", "generation", b"generation", "metrics", b"metrics", "modified_timestamp", b"modified_timestamp", "observed_generation", b"observed_generation", "placement", b"placement", "state", b"state", "state_reason", b"state_reason", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_info", b"backend_info", "config", b"config", "created_timestamp", b"created_timestamp", "desired_state", b"desired_state", "generation", b"generation", "metrics", b"metrics", "modified_timestamp", b"modified_timestamp", "network_interfaces", b"network_interfaces", "observed_generation", b"observed_generation", "placement", b"placement", "state", b"state", "state_reason", b"state_reason", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -94,6 +94,7 @@ class Register(_message.Message):
     VMS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    BRIDGES_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     hostname: _builtins.str
     cpu_overcommit_ratio: _builtins.float
@@ -109,6 +110,10 @@ class Register(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def bridges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Bridges on the host that VM NICs can be attached to."""
+
     def __init__(
         self,
         *,
@@ -121,10 +126,11 @@ class Register(_message.Message):
         vms: _abc.Iterable[Global___VmStatus] | None = ...,
         agent_version: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        bridges: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "backends", b"backends", "capacity", b"capacity", "cpu_overcommit_ratio", b"cpu_overcommit_ratio", "host_id", b"host_id", "hostname", b"hostname", "labels", b"labels", "memory_overcommit_ratio", b"memory_overcommit_ratio", "vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "backends", b"backends", "bridges", b"bridges", "capacity", b"capacity", "cpu_overcommit_ratio", b"cpu_overcommit_ratio", "host_id", b"host_id", "hostname", b"hostname", "labels", b"labels", "memory_overcommit_ratio", b"memory_overcommit_ratio", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -199,6 +205,7 @@ class VmStatus(_message.Message):
     REBOOT_EPOCH_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
+    NETWORK_INTERFACES_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     observed_generation: _builtins.int
     """The generation of the desired state this status reflects."""
@@ -223,6 +230,10 @@ class VmStatus(_message.Message):
     def config(self) -> _vm_pb2.VmConfig:
         """The config as the agent runs it (after hotplug changes)."""
 
+    @_builtins.property
+    def network_interfaces(self) -> _containers.RepeatedCompositeFieldContainer[_vm_pb2.NetworkInterfaceStatus]:
+        """Each NIC's host device, MAC and address."""
+
     def __init__(
         self,
         *,
@@ -239,10 +250,11 @@ class VmStatus(_message.Message):
         reboot_epoch: _builtins.int = ...,
         config: _vm_pb2.VmConfig | None = ...,
         removed: _builtins.bool = ...,
+        network_interfaces: _abc.Iterable[_vm_pb2.NetworkInterfaceStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_info", b"backend_info", "config", b"config", "error", b"error", "error_code", b"error_code", "metrics", b"metrics", "observed_generation", b"observed_generation", "pid", b"pid", "reason", b"reason", "reboot_epoch", b"reboot_epoch", "removed", b"removed", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_info", b"backend_info", "config", b"config", "error", b"error", "error_code", b"error_code", "metrics", b"metrics", "network_interfaces", b"network_interfaces", "observed_generation", b"observed_generation", "pid", b"pid", "reason", b"reason", "reboot_epoch", b"reboot_epoch", "removed", b"removed", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -137,6 +137,7 @@ class HostRecord(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     REGISTERED_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    BRIDGES_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     hostname: _builtins.str
     cpu_overcommit_ratio: _builtins.float
@@ -149,6 +150,10 @@ class HostRecord(_message.Message):
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[_host_pb2.Backend]: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def bridges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Bridges the host can attach VM NICs to."""
+
     def __init__(
         self,
         *,
@@ -161,10 +166,11 @@ class HostRecord(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         agent_version: _builtins.str = ...,
         registered_timestamp: _builtins.int = ...,
+        bridges: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "backends", b"backends", "capacity", b"capacity", "cpu_overcommit_ratio", b"cpu_overcommit_ratio", "host_id", b"host_id", "hostname", b"hostname", "labels", b"labels", "memory_overcommit_ratio", b"memory_overcommit_ratio", "registered_timestamp", b"registered_timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "backends", b"backends", "bridges", b"bridges", "capacity", b"capacity", "cpu_overcommit_ratio", b"cpu_overcommit_ratio", "host_id", b"host_id", "hostname", b"hostname", "labels", b"labels", "memory_overcommit_ratio", b"memory_overcommit_ratio", "registered_timestamp", b"registered_timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
