@@ -12,6 +12,7 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +288,70 @@ async def test_reboot_of_a_stopped_vm_boots_it(backend: Backend, vm: VmDir) -> N
     assert await state_of(backend, vm) == vm_pb2.VM_STATE_RUNNING
 
 
+async def test_a_failed_boot_succeeds_on_retry_once_its_cause_is_gone(
+        backend: Backend, vm: VmDir, tmp_path: Path) -> None:
+    # Cloud Hypervisor keeps a VM whose boot failed after it was built ("Created") and
+    # refuses every later vm.boot with "VM is already created" unless it is dropped.
+    kernel = tmp_path / "kernel-installed-later"
+    desired = desired_vm(backend)
+    desired.config.boot.kernel_path = str(kernel)
+    await backend.runtime.create(vm, desired)
+    with pytest.raises(CloudHypervisorApiError) as failed:
+        await backend.runtime.boot(vm, desired)
+    assert "Cannot open kernel file" in failed.value.chain
+    assert await state_of(backend, vm) == vm_pb2.VM_STATE_CREATED
+    kernel.write_bytes(backend.kernel.read_bytes())
+    await backend.runtime.boot(vm, desired)
+    assert await state_of(backend, vm) == vm_pb2.VM_STATE_RUNNING
+
+
+def _hold_write_lock(path: Path) -> int:
+    """An OFD write lock on path, as another VMM booted on that image holds it."""
+    import fcntl
+    import struct
+
+    fd = os.open(path, os.O_RDWR)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+    return fd
+
+
+async def test_shutdown_drops_a_vm_whose_boot_failed(backend: Backend, vm: VmDir,
+                                                    root_disk: Path) -> None:
+    desired = desired_vm(backend, storage=[vm_pb2.StorageDevice(path=str(root_disk))])
+    holder = _hold_write_lock(root_disk)
+    try:
+        with pytest.raises(CloudHypervisorApiError) as failed:
+            await backend.runtime.boot(vm, desired)
+        assert "Error locking disk images: Another instance likely holds a lock" in (
+            failed.value.chain)
+        await backend.runtime.shutdown(vm, force=True, timeout=0)
+        assert not (await vmm_view(vm)).built
+    finally:
+        os.close(holder)
+    await backend.runtime.boot(vm, desired)
+    assert await state_of(backend, vm) == vm_pb2.VM_STATE_RUNNING
+
+
+def qcow2_image(path: Path, size: int) -> Path:
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        pytest.skip("needs qemu-img (Debian package qemu-utils) to make a qcow2 image")
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
+    return path
+
+
+async def test_disk_images_of_any_type_boot_and_attach(backend: Backend, vm: VmDir,
+                                                       tmp_path: Path) -> None:
+    root = qcow2_image(tmp_path / "root.qcow2", MIB)
+    await backend.runtime.boot(vm, desired_vm(backend, storage=[
+        vm_pb2.StorageDevice(path=str(root), is_root_device=True)]))
+    extra = qcow2_image(tmp_path / "extra.qcow2", MIB)
+    config = await backend.runtime.hotplug(
+        vm, hotplug(attach_disk=vm_pb2.StorageDevice(path=str(extra))))
+    assert [d.path for d in config.storage] == [str(root), str(extra)]
+    assert [d["image_type"] for d in (await vmm_view(vm)).devices("disks")] == ["Qcow2"] * 2
+
+
 async def test_destroy_leaves_no_process_and_no_socket(backend: Backend, vm: VmDir) -> None:
     await backend.runtime.boot(vm, desired_vm(backend))
     ref = backend.runtime.load_process(vm)
@@ -552,6 +617,9 @@ def test_translation_of_devices() -> None:
     assert violations == []
     [disk] = translated["disks"]
     assert disk["image_type"] == "Qcow2" and disk["direct"] is True
+    # A disk that names no type gets none: Cloud Hypervisor detects it from the image.
+    config.storage[0].options.pop("image_type")
+    assert "image_type" not in translate_config(config)[0]["disks"][0]
     assert disk["disable_io_uring"] is True and disk["disable_aio"] is True
     assert disk["num_queues"] == 2
     assert disk["rate_limiter_config"] == {"bandwidth": {"size": 1048576, "refill_time": 1000}}

@@ -378,6 +378,108 @@ async def test_boot_opens_the_kernel_and_disks(sim: Sim, files: dict[str, Path],
                                "Cannot open kernel file", "No such file or directory (os error 2)"]
 
 
+async def test_a_boot_that_fails_after_the_vm_is_built_keeps_it_until_shutdown(
+        sim: Sim, files: dict[str, Path], tmp_path: Path) -> None:
+    kernel = tmp_path / "late-kernel"
+    payload = {"kernel": str(kernel), "cmdline": "console=ttyS0"}
+    assert (await sim.put("vm.create", vm_config(files, payload=payload))).status_code == 204
+    failed = await sim.put("vm.boot")
+    assert chain(failed) == ["Error from API", "The VM could not boot",
+                             "Cannot open kernel file", "No such file or directory (os error 2)"]
+    info = (await sim.call("GET", "vm.info")).json()
+    assert info["state"] == "Created" and "device_tree" in info  # built, not booted
+    kernel.write_bytes(b"\x7fELF late\n")
+    again = await sim.put("vm.boot")
+    assert (again.status_code, chain(again)) == (
+        500, ["Error from API", "The VM could not boot", "VM is already created"])
+    assert (await sim.put("vm.shutdown")).status_code == 204
+    assert "device_tree" not in (await sim.call("GET", "vm.info")).json()
+    assert (await sim.put("vm.boot")).status_code == 204
+    assert await sim.state() == "Running"
+
+
+async def test_a_boot_refused_by_validation_builds_nothing(sim: Sim,
+                                                           files: dict[str, Path]) -> None:
+    config = vm_config(files, cpus={"boot_vcpus": 8, "max_vcpus": 4})
+    assert (await sim.put("vm.create", config)).status_code == 204
+    for _ in range(2):  # Vm::new failed: each vm.boot tries afresh
+        assert chain(await sim.put("vm.boot"))[2] == "Failed to validate config"
+    assert "device_tree" not in (await sim.call("GET", "vm.info")).json()
+
+
+def _qcow2(path: Path) -> Path:
+    path.write_bytes(b"QFI\xfb" + (3).to_bytes(4, "big") + bytes(65536 - 8))
+    return path
+
+
+def _fixed_vhd(path: Path) -> Path:
+    footer = bytearray(512)
+    footer[0:8] = b"conectix"
+    footer[12:16] = (0x00010000).to_bytes(4, "big")
+    footer[16:24] = b"\xff" * 8
+    footer[60:64] = (2).to_bytes(4, "big")
+    path.write_bytes(bytes(8192) + bytes(footer))
+    return path
+
+
+async def test_disk_image_types_are_detected_and_a_mismatch_refused(
+        sim: Sim, files: dict[str, Path], tmp_path: Path) -> None:
+    qcow2 = _qcow2(tmp_path / "disk.qcow2")
+    vhd = _fixed_vhd(tmp_path / "disk.vhd")
+    vhdx = tmp_path / "disk.vhdx"
+    vhdx.write_bytes(b"vhdxfile" + bytes(8184))
+    config = vm_config(files, disks=[{"path": str(qcow2), "image_type": "Raw"}])
+    assert (await sim.put("vm.create", config)).status_code == 204
+    refused = await sim.put("vm.boot")
+    assert chain(refused) == [
+        "Error from API", "The VM could not boot", "Error from device manager",
+        "Disk image type does not match expected type: specified = raw, detected = qcow2"]
+    assert (await sim.put("vm.delete")).status_code == 204
+
+    disks = [{"path": str(qcow2)}, {"path": str(vhd)}, {"path": str(vhdx)},
+             {"path": str(files["disk"]), "image_type": "Raw"}]
+    await booted(sim, vm_config(files, disks=disks))
+    types = [d["image_type"] for d in (await sim.call("GET", "vm.info")).json()["config"]["disks"]]
+    assert types == ["Qcow2", "FixedVhd", "Vhdx", "Raw"]  # detected, and written back
+    hot = await sim.put("vm.add-disk", {"path": str(_qcow2(tmp_path / "hot.qcow2")),
+                                        "image_type": "Vhdx"})
+    assert chain(hot)[1:] == [
+        "The disk could not be added to the VM", "Error from device manager",
+        "Disk image type does not match expected type: specified = vhdx, detected = qcow2"]
+
+
+async def test_writable_disks_are_locked_at_boot(start: Callable[..., Any],
+                                                 files: dict[str, Path]) -> None:
+    first, second = await start("--no-shutdown"), await start("--no-shutdown")
+    shared = vm_config(files, serial={"mode": "Null"})
+    await booted(first, shared)
+    assert (await second.put("vm.create", shared)).status_code == 204
+    locked = await second.put("vm.boot")
+    assert chain(locked) == [
+        "Error from API", "The VM could not boot",
+        "Error locking disk images: Another instance likely holds a lock",
+        "Cannot lock images of all block devices",
+        f"Failed to get Write lock for disk image: {files['disk']}",
+        "The file is already locked"]
+    assert await second.state() == "Created"
+    # The lock goes with the VM that held it.
+    assert (await first.put("vm.shutdown")).status_code == 204
+    assert (await second.put("vm.shutdown")).status_code == 204
+    assert (await second.put("vm.boot")).status_code == 204
+    assert (await second.put("vm.shutdown")).status_code == 204
+    # Read-only users share a read lock, which a writer cannot take.
+    read_only = vm_config(files, serial={"mode": "Null"},
+                          disks=[{"path": str(files["data"]), "readonly": True}])
+    third, fourth = await start("--no-shutdown"), await start("--no-shutdown")
+    await booted(third, read_only)
+    await booted(fourth, read_only)
+    writer = await first.put("vm.add-disk", {"path": str(files["data"])})
+    assert writer.status_code == 204  # not booted: no lock yet
+    assert chain(await first.put("vm.boot"))[-2:] == [
+        f"Failed to get Write lock for disk image: {files['data']}",
+        "The file is already locked"]
+
+
 # ---- info, counters and devices ------------------------------------------------------------
 
 

@@ -29,9 +29,11 @@ from agent.hypervisors.firecracker_api import FirecrackerApi
 from agent.hypervisors.unix_http import UnixHttpClient
 from agent.runtimes.base import RuntimeFailure, RuntimeSettings, UnsupportedOperation
 from agent.runtimes.firecracker import (
+    CMDLINE_CAPACITY,
     FirecrackerRuntime,
     MetricsTotals,
     drive_ids,
+    firecracker_cmdline_additions,
     instance_id,
     translate,
 )
@@ -475,6 +477,35 @@ def test_preflight_names_options_firecracker_cannot_honour(tmp_path: Path) -> No
     assert "config.boot.kernel_path" in violations
     assert "num_queues" in violations["config.storage[0].options[num_queues]"]
     assert "positive whole number" in violations["config.storage[1].options[rate_limit_ops]"]
+
+
+def test_preflight_refuses_a_kernel_that_is_a_directory(backend: Backend,
+                                                        tmp_path: Path) -> None:
+    # Firecracker accepts a directory at PUT /boot-source and fails only at InstanceStart.
+    config = desired_vm(tmp_path).config
+    [violation] = backend.runtime.preflight("vm-1", config)
+    assert violation.field == "config.boot.kernel_path"
+    assert "is a directory" in violation.description
+
+
+async def test_boot_args_are_refused_beyond_what_firecracker_can_hold(
+        backend: Backend, vm: VmDir, tmp_path: Path) -> None:
+    disk = tmp_path / "root.img"
+    disk.write_bytes(bytes(MIB))
+    desired = desired_vm(backend.kernel, storage=[
+        vm_pb2.StorageDevice(path=str(disk), is_root_device=True),
+        vm_pb2.StorageDevice(path=str(disk), read_only=True)])
+    room = CMDLINE_CAPACITY - 1 - firecracker_cmdline_additions(desired.config)
+    boot = desired.config.boot
+    boot.kernel_args = boot.kernel_args.ljust(room + 1, "x")
+    [violation] = backend.runtime.preflight("vm-1", desired.config)
+    assert violation.field == "config.boot.kernel_args"
+    assert f"leaves {room}" in violation.description
+    # The longest args that fit boot, on the real binary too.
+    boot.kernel_args = boot.kernel_args[:room]
+    assert backend.runtime.preflight("vm-1", desired.config) == []
+    await backend.runtime.boot(vm, desired)
+    assert (await backend.runtime.observe(vm)).state == vm_pb2.VM_STATE_RUNNING
 
 
 def test_device_ids_are_derived_when_empty() -> None:

@@ -185,6 +185,10 @@ class VmInfo:
     config: dict[str, Any]
     memory_actual_size: int
     device_tree: dict[str, Any]
+    # Whether the VMM holds a built VM, not only its config: vm.info has a device tree
+    # then. A VM whose vm.boot failed half way is built and still "Created"; Cloud
+    # Hypervisor refuses every later vm.boot until vm.shutdown or vm.delete drops it.
+    built: bool = False
 
     def devices(self, kind: str) -> list[dict[str, Any]]:
         """The config's "disks" or "net" entries."""
@@ -308,7 +312,8 @@ class CloudHypervisorApi:
         return VmInfo(state=str(body.get("state", "")),
                       config=config if isinstance(config, dict) else {},
                       memory_actual_size=int(body.get("memory_actual_size") or 0),
-                      device_tree=tree if isinstance(tree, dict) else {})
+                      device_tree=tree if isinstance(tree, dict) else {},
+                      built=isinstance(tree, dict))
 
     async def vm_counters(self) -> dict[str, dict[str, int]]:
         body = await self._get_object("vm.counters")

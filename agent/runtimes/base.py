@@ -200,13 +200,22 @@ def positive_int(value: str) -> int | None:
 
 
 def check_host_paths(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
-    """Files a config names must exist on this host."""
+    """Files a config names must exist on this host, and be files: a hypervisor may accept
+    a directory as a kernel and fail only when the guest boots."""
     violations: list[agent_pb2.FieldViolation] = []
 
     def need(path: str, field_path: str, what: str) -> None:
-        if path and not Path(path).exists():
-            violations.append(agent_pb2.FieldViolation(
-                field=field_path, description=f"{what} {path!r} does not exist on this host"))
+        if not path:
+            return
+        host_path = Path(path)
+        if not host_path.exists():
+            problem = "does not exist on this host"
+        elif host_path.is_dir():
+            problem = "is a directory on this host, not a file"
+        else:
+            return
+        violations.append(agent_pb2.FieldViolation(
+            field=field_path, description=f"{what} {path!r} {problem}"))
 
     need(config.boot.kernel_path, "config.boot.kernel_path", "kernel")
     need(config.boot.initrd_path, "config.boot.initrd_path", "initrd")

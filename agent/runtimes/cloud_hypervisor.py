@@ -20,6 +20,7 @@ and reboot wait up to `boot_timeout` for it on the console (agent.runtimes.readi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import shutil
 import subprocess
@@ -223,16 +224,25 @@ class CloudHypervisorRuntime(Runtime):
             await self.create(vm, desired)
         ref = self._require_process(vm)
         async with self._api(vm) as api:
-            state = await self._state(api)
-            if state is None:
+            info = await self._info(api)
+            if info is None:
                 await api.create_vm(vm_config_or_refuse(desired.config))
-            elif state == VmState.RUNNING:
+            elif info.state == VmState.RUNNING:
                 return
-            elif state == VmState.PAUSED:
+            elif info.state == VmState.PAUSED:
                 await api.resume_vm()
                 return
+            elif info.built:
+                await self._drop_failed_boot(api)
             offset = console_offset(vm)
-            await api.boot_vm()
+            try:
+                await api.boot_vm()
+            except CloudHypervisorApiError:
+                # So that the next attempt can boot once the cause is gone; the boot's
+                # own error is the one to report.
+                with contextlib.suppress(RuntimeFailure):
+                    await self._drop_failed_boot(api)
+                raise
         self._update_record(vm, phase=PHASE_BOOTED, booted_at=time.time())
         await self._await_ready(vm, ref, desired.config, offset)
 
@@ -255,7 +265,8 @@ class CloudHypervisorRuntime(Runtime):
         async with self._api(vm) as api:
             if await self._guest_running(api) and not force:
                 await self._press_power_button(api, ref, timeout)
-            if process.is_alive(ref) and await self._guest_running(api):
+            # A VM whose boot failed half way is built too, and stops the same way.
+            if process.is_alive(ref) and await self._built(api):
                 await api.shutdown_vm()
         if process.is_alive(ref):
             self._update_record(vm, phase=PHASE_STOPPED, booted_at=0)
@@ -453,14 +464,31 @@ class CloudHypervisorRuntime(Runtime):
         return CloudHypervisorApi(vm.api_socket)
 
     @staticmethod
-    async def _state(api: CloudHypervisorApi) -> str | None:
-        """The VM's state, or None when the VMM holds no VM."""
+    async def _info(api: CloudHypervisorApi) -> VmInfo | None:
+        """vm.info, or None when the VMM holds no VM config."""
         try:
-            return (await api.vm_info()).state
+            return await api.vm_info()
         except CloudHypervisorApiError as e:
             if e.vm_not_created:
                 return None
             raise
+
+    async def _state(self, api: CloudHypervisorApi) -> str | None:
+        """The VM's state, or None when the VMM holds no VM."""
+        info = await self._info(api)
+        return info.state if info is not None else None
+
+    async def _built(self, api: CloudHypervisorApi) -> bool:
+        info = await self._info(api)
+        return info is not None and info.built
+
+    async def _drop_failed_boot(self, api: CloudHypervisorApi) -> None:
+        """A vm.boot that failed after Cloud Hypervisor built the VM (a disk lock held, the
+        kernel unreadable) leaves it built and "Created", and every later vm.boot answers
+        "VM is already created". vm.shutdown drops that VM and keeps its config."""
+        info = await self._info(api)
+        if info is not None and info.state == VmState.CREATED and info.built:
+            await api.shutdown_vm()
 
     async def _guest_running(self, api: CloudHypervisorApi) -> bool:
         return await self._state(api) in (VmState.RUNNING, VmState.PAUSED)

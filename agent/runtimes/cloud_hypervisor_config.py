@@ -238,11 +238,15 @@ class ConfigTranslation:
                 result["vhost_socket"] = options["vhost_socket"]
         else:
             result["path"] = device.path
-            kind = options.get("image_type", "raw").lower()
-            if kind not in IMAGE_TYPES:
-                self.refuse(f"{opts_path}[image_type]",
-                            f"must be one of {', '.join(IMAGE_TYPES)}, not {kind!r}")
-            result["image_type"] = IMAGE_TYPES.get(kind, "Raw")
+            # Sent only when named: Cloud Hypervisor refuses a type that differs from the
+            # image's, and detects it (from the image's header) when none is given.
+            if "image_type" in options:
+                kind = options["image_type"].lower()
+                if kind in IMAGE_TYPES:
+                    result["image_type"] = IMAGE_TYPES[kind]
+                else:
+                    self.refuse(f"{opts_path}[image_type]",
+                                f"must be one of {', '.join(IMAGE_TYPES)}, not {kind!r}")
         if _truthy(options.get("direct", "")) or options.get("cache_type", "").lower() == "none":
             result["direct"] = True
         engine = options.get("io_engine", "").lower()

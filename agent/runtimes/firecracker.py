@@ -77,6 +77,8 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
+# Bytes of Firecracker's guest kernel command line, its terminating NUL included.
+CMDLINE_CAPACITY = 2048
 
 # ---- the Firecracker column of the backend support matrix ------------------------------
 
@@ -172,6 +174,16 @@ def nic_ids(network: Sequence[vm_pb2.NetworkInterface]) -> list[str]:
     return [n.id or f"eth{i}" for i, n in enumerate(network)]
 
 
+def firecracker_cmdline_additions(config: vm_pb2.VmConfig) -> int:
+    """Bytes Firecracker adds to the boot args at InstanceStart: " pci=off", the root
+    drive's " root=/dev/vda rw" and a virtio_mmio.device entry (its IRQs from 5) per device."""
+    added = len(" pci=off")
+    if any(disk.is_root_device for disk in config.storage):
+        added += len(" root=/dev/vda rw")
+    devices = len(config.storage) + len(config.network)
+    return added + sum(len(f" virtio_mmio.device=4K@0xc0001000:{5 + i}") for i in range(devices))
+
+
 def config_violations(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
     """What in a config Firecracker cannot express, by field path."""
     out: list[agent_pb2.FieldViolation] = []
@@ -179,6 +191,14 @@ def config_violations(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]
     def violation(field_path: str, description: str) -> None:
         out.append(agent_pb2.FieldViolation(field=field_path, description=description))
 
+    args_bytes = len(config.boot.kernel_args.encode())
+    added = firecracker_cmdline_additions(config)
+    if args_bytes + added >= CMDLINE_CAPACITY:
+        violation("config.boot.kernel_args",
+                  f"{args_bytes} bytes is too long: firecracker's kernel command line holds "
+                  f"{CMDLINE_CAPACITY - 1} bytes, and for this VM's devices it adds {added} "
+                  f"of its own (pci=off, root=, one virtio_mmio.device= per device), which "
+                  f"leaves {CMDLINE_CAPACITY - 1 - added}")
     size = config.memory.size_bytes
     if size % MIB:
         violation("config.memory.size_bytes",

@@ -21,6 +21,14 @@ from `vmm/src/api/http/*.rs`, `vmm/src/lib.rs`, `vmm/src/vm.rs` and
   Cloud Hypervisor's config structs (none denies unknown fields); `cpus` and
   `memory` default to 1 vCPU and 512 MiB, but inside them `boot_vcpus`,
   `max_vcpus` and `size` are required.
+* vm.boot builds the VM (Vm::new: validation, devices, disks opened and their
+  image type detected from the header: QCOW2 magic, fixed-VHD footer, VHDX
+  signature, else raw; a declared `image_type` that differs is refused), then
+  boots it (Vm::boot: an advisory OFD lock on every disk image, a write lock
+  for a writable one and a read lock for a read-only one; then the initramfs
+  and kernel are loaded). A failure while building leaves no VM; a failure
+  while booting leaves the built VM "Created", and every later vm.boot answers
+  500 "VM is already created" until vm.shutdown or vm.delete drops it.
 * vm.shutdown, and a guest power-off under --no-shutdown, drop the VM but keep
   its config and the VMM: vm.info then reports "Created" again (Cloud
   Hypervisor v53.0 never shows "Shutdown" there) and vm.boot boots it anew.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +46,81 @@ def open_serial(config: dict[str, Any]) -> SerialPort:
     except OSError as e:
         raise VmFailure("Error creating console devices", "Error creating console device",
                         os_error_text(e)) from e
+
+
+QCOW_MAGIC = b"QFI\xfb"
+VHDX_SIGNATURE = b"vhdxfile"
+VHD_FOOTER = 512
+# struct flock on x86_64: l_type, l_whence, l_start, l_len, l_pid (padded to 32 bytes).
+FLOCK = "hhqqi4x"
+
+
+def detect_image_type(fd: int) -> str:
+    """block::detect_image_type: QCOW2 by its magic, a fixed VHD by its footer, VHDX by
+    its signature, anything else raw."""
+    head = os.pread(fd, 8, 0)
+    if head[:4] == QCOW_MAGIC:
+        return "Qcow2"
+    size = os.fstat(fd).st_size
+    if size >= VHD_FOOTER:
+        footer = os.pread(fd, VHD_FOOTER, size - VHD_FOOTER)
+        cookie, version, data_offset = struct.unpack_from(">8s4xIQ", footer, 0)
+        (disk_type,) = struct.unpack_from(">I", footer, 60)
+        if (cookie == b"conectix" and version == 0x00010000
+                and data_offset == 0xFFFF_FFFF_FFFF_FFFF and disk_type == 2):
+            return "FixedVhd"
+    if head == VHDX_SIGNATURE:
+        return "Vhdx"
+    return "Raw"
+
+
+# ImageType's Display, as the mismatch error prints it.
+IMAGE_TYPE_NAMES = {"FixedVhd": "vhd", "Qcow2": "qcow2", "Raw": "raw", "Vhdx": "vhdx",
+                    "Unknown": "unknown"}
+
+
+class DiskImage:
+    """An opened disk image and the advisory OFD lock Cloud Hypervisor takes on it at boot:
+    a write lock for a writable disk, a read lock for a read-only one."""
+
+    def __init__(self, path: str, fd: int, readonly: bool, image_type: str) -> None:
+        self.path = path
+        self.fd: int | None = fd
+        self.readonly = readonly
+        self.image_type = image_type
+
+    @classmethod
+    def open(cls, path: str, readonly: bool, specified: str) -> DiskImage:
+        try:
+            fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+        except OSError as e:
+            raise VmFailure("Cannot open disk path", f"I/O error (path={path} op=open)",
+                            os_error_text(e)) from e
+        detected = detect_image_type(fd)
+        if specified not in ("Unknown", detected):
+            os.close(fd)
+            raise VmFailure(
+                "Disk image type does not match expected type: specified = "
+                f"{IMAGE_TYPE_NAMES[specified]}, detected = {IMAGE_TYPE_NAMES[detected]}")
+        return cls(path, fd, readonly, detected)
+
+    def lock(self) -> None:
+        assert self.fd is not None
+        kind = "Read" if self.readonly else "Write"
+        request = struct.pack(FLOCK, fcntl.F_RDLCK if self.readonly else fcntl.F_WRLCK,
+                              os.SEEK_SET, 0, 0, 0)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, request)
+        except OSError as e:
+            cause = ("The file is already locked" if e.errno in (errno.EAGAIN, errno.EACCES)
+                     else "The lock state could not be checked or set")
+            raise VmFailure(f"Failed to get {kind} lock for disk image: {self.path}",
+                            cause) from e
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 @dataclass

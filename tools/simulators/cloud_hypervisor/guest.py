@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from tools.simulators.cloud_hypervisor.config import validation_error
-from tools.simulators.cloud_hypervisor.devices import Device, SerialPort, counters_for
+from tools.simulators.cloud_hypervisor.devices import (
+    Device,
+    DiskImage,
+    SerialPort,
+    counters_for,
+)
 from tools.simulators.cloud_hypervisor.errors import (
     CONFIG_VALIDATION,
     DEVICE_MANAGER,
@@ -17,17 +21,22 @@ from tools.simulators.cloud_hypervisor.errors import (
 )
 
 GUEST_READY_LINE = "GUEST-READY"
+LOCKING_ERROR = "Error locking disk images: Another instance likely holds a lock"
 HOTPLUG_SLOTS = 8  # ACPI memory hotplug slots
 HOTPLUG_ALIGN = 128 << 20
 DISK_PROBE_BYTES = 4096
 
 
 class Guest:
-    """One booted VM (Cloud Hypervisor's `Vm`): its devices, vCPUs, RAM and guest OS.
+    """One VM (Cloud Hypervisor's `Vm`): its devices, vCPUs, RAM and guest OS.
 
-    Built like Vm::new: the config is validated, the devices are created (disks
-    opened, ids named `_disk0`, `_net1`, ... from one counter and written back
-    into the config), then the initramfs and kernel are opened.
+    Built like Vm::new: the config is validated and the devices are created (disks
+    opened and their image type detected, ids named `_disk0`, `_net1`, ... from one
+    counter and written back into the config); the VM is then "Created". `boot`
+    does what Vm::boot does: takes the disks' advisory locks and loads the
+    initramfs and kernel. A failure there leaves the VM built and "Created", and
+    Cloud Hypervisor keeps it: every later vm.boot is refused until vm.shutdown
+    or vm.delete drops it.
     """
 
     def __init__(self, config: dict[str, Any], serial: SerialPort) -> None:
@@ -36,8 +45,9 @@ class Guest:
             raise VmFailure(CONFIG_VALIDATION, *chain)
         self.config = config
         self.serial = serial
-        self.state = "Running"
+        self.state = "Created"
         self.devices: dict[str, Device] = {}
+        self.disk_images: dict[str, DiskImage] = {}
         self._next_id = 0
         self._boot_ids = {d["id"] for key in ("disks", "net") for d in config.get(key) or []
                           if "id" in d}
@@ -53,14 +63,6 @@ class Guest:
         for net in config.get("net") or []:
             self.attach_net(net)
         self._plug("__rng", "rng")
-        payload = config["payload"]
-        for key in ("initramfs", "kernel"):
-            if key in payload:
-                try:
-                    with open(payload[key], "rb"):
-                        pass
-                except OSError as e:
-                    raise VmFailure(f"Cannot open {key} file", os_error_text(e)) from e
 
     @property
     def cmdline(self) -> str:
@@ -71,7 +73,23 @@ class Guest:
         """A guest booted with acpi=off has no ACPI, so no power button."""
         return "acpi=off" in self.cmdline.split()
 
-    def start(self) -> None:
+    def boot(self) -> None:
+        """Vm::boot: lock the disk images, load the payload, start the guest."""
+        try:
+            for image in self.disk_images.values():
+                image.lock()
+        except VmFailure as e:
+            raise VmFailure(LOCKING_ERROR, "Cannot lock images of all block devices",
+                            *e.chain) from e
+        payload = self.config["payload"]
+        for key in ("initramfs", "kernel"):
+            if key in payload:
+                try:
+                    with open(payload[key], "rb"):
+                        pass
+                except OSError as e:
+                    raise VmFailure(f"Cannot open {key} file", os_error_text(e)) from e
+        self.state = "Running"
         self.serial.write_line(f"[    0.000000] Command line: {self.cmdline}")
         for disk in self.config.get("disks") or []:
             self._probe_disk(disk)
@@ -105,17 +123,28 @@ class Guest:
         return device
 
     def attach_disk(self, disk: dict[str, Any]) -> Device:
-        """Open the disk image, as the block device factory does, and plug it in."""
+        """Open the disk image, as the block device factory does, and plug it in.
+
+        A disk hot-added to a booted VM takes its advisory lock at once."""
+        image = None
         if "path" in disk:
-            flags = os.O_RDONLY if disk["readonly"] else os.O_RDWR
             try:
-                os.close(os.open(disk["path"], flags))
-            except OSError as e:
-                raise VmFailure(DEVICE_MANAGER, "Cannot open disk path",
-                                f"I/O error (path={disk['path']} op=open)",
-                                os_error_text(e)) from e
+                image = DiskImage.open(disk["path"], disk["readonly"], disk["image_type"])
+            except VmFailure as e:
+                raise VmFailure(DEVICE_MANAGER, *e.chain) from e
+            # An undeclared type is detected and written back, to persist across reboots.
+            disk["image_type"] = image.image_type
+            if self.state != "Created":
+                try:
+                    image.lock()
+                except VmFailure as e:
+                    image.close()
+                    raise VmFailure(DEVICE_MANAGER, "Cannot lock images of all block devices",
+                                    *e.chain) from e
         if "id" not in disk:
             disk["id"] = self._device_name("_disk")
+        if image is not None:
+            self.disk_images[disk["id"]] = image
         return self._plug(disk["id"], "block")
 
     def attach_net(self, net: dict[str, Any]) -> Device:
@@ -133,6 +162,9 @@ class Guest:
                             f"the VM: {device.kind}")
         # This guest ejects the device at once; a real one acknowledges through ACPI.
         del self.devices[device_id]
+        image = self.disk_images.pop(device_id, None)
+        if image is not None:
+            image.close()
 
     def resize_vcpus(self, desired: int, unplug_seconds: float) -> None:
         cpus = self.config["cpus"]
@@ -183,3 +215,6 @@ class Guest:
     def stop(self) -> None:
         self.state = "Shutdown"
         self.serial.close()
+        for image in self.disk_images.values():
+            image.close()  # closing the descriptor releases its lock
+        self.disk_images.clear()

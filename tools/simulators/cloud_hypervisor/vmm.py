@@ -84,8 +84,10 @@ class Vmm:
                 raise VmFailure(MISSING_CONFIG)
             if self.serial is None:
                 self.serial = open_serial(self.config)
+            # Vm::new: a failure here leaves no VM, so a later vm.boot tries afresh.
             self.vm = Guest(self.config, self.serial)
-            self.vm.start()
+            # Vm::boot: a failure here keeps the VM, "Created", until vm.shutdown/vm.delete.
+            self.vm.boot()
 
     def vm_pause(self) -> None:
         with api_action(PAUSE):
@@ -128,7 +130,7 @@ class Vmm:
             config = self._require_config()
             self.serial = open_serial(config)
             self.vm = Guest(config, self.serial)
-            self.vm.start()
+            self.vm.boot()
 
     def vm_delete(self) -> None:
         if self.config is not None:

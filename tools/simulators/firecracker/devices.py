@@ -1,7 +1,9 @@
 """The devices of a running microVM: what PATCH and GET do to them after InstanceStart.
 
-The simulated guest has every driver and cooperates at once: a balloon reaches
-its target, hot-plugged memory is plugged as soon as it is requested. Errors
+A guest whose kernel image carries the virtio balloon driver (guest.has_balloon_driver)
+activates the balloon at boot and reaches each target at once; without the driver the
+balloon never activates, and resizing or hinting is refused as Firecracker refuses it.
+Hot-plugged memory is plugged as soon as it is requested. Errors
 carry Firecracker's texts, including its "Failed perform action on device".
 """
 
@@ -22,6 +24,8 @@ class RunningDevices:
         self.metrics = metrics
         self.balloon_hint_cmd = 0
         self.hotplug_requested_mib = 0
+        # Whether the guest's driver activated the balloon device.
+        self.balloon_active = True
 
     def update_block_device(self, cfg: dict[str, Any]) -> None:
         prefix = "Drive config error: Unable to patch the block device: "
@@ -64,12 +68,18 @@ class RunningDevices:
         if balloon["stats_polling_interval_s"] == 0:
             raise ActionError(
                 "Internal VMM error: Balloon: Received stats query when stats are disabled.")
-        pages = balloon["amount_mib"] * 256
-        return {"target_pages": pages, "actual_pages": pages,
-                "target_mib": balloon["amount_mib"], "actual_mib": balloon["amount_mib"]}
+        target = balloon["amount_mib"]
+        actual = target if self.balloon_active else 0
+        return {"target_pages": target * 256, "actual_pages": actual * 256,
+                "target_mib": target, "actual_mib": actual}
+
+    def _require_active_balloon(self) -> None:
+        if not self.balloon_active:
+            raise ActionError("Balloon update error: Balloon: Device not activated yet.")
 
     def update_balloon(self, cfg: dict[str, Any]) -> None:
         balloon = self.balloon("Balloon update error: ")
+        self._require_active_balloon()
         if cfg["amount_mib"] > self.resources.machine_config["mem_size_mib"]:
             raise ActionError("Balloon update error: Balloon: Requested memory should be less "
                               f"than {cfg['amount_mib']}MiB")
@@ -92,6 +102,7 @@ class RunningDevices:
 
     def start_hinting(self, _cfg: Any) -> None:
         self._hinting_balloon()
+        self._require_active_balloon()
         # Firecracker numbers hinting runs from 2; 0 is STOP and 1 is DONE.
         self.balloon_hint_cmd = max(2, self.balloon_hint_cmd + 1)
 
@@ -101,6 +112,7 @@ class RunningDevices:
 
     def stop_hinting(self, _: Any) -> None:
         self._hinting_balloon()
+        self._require_active_balloon()
         self.balloon_hint_cmd = 0
 
     def hotplug_status(self, _: Any) -> dict[str, Any]:

@@ -19,11 +19,12 @@ ignores the keystroke and keeps running.
 from __future__ import annotations
 
 import mmap
-from typing import BinaryIO
+import os
 
 READY_MARKER = "GUEST-READY"
 REBOOT_LINE = "reboot: Restarting system"
 I8042_DRIVER = b"i8042"
+BALLOON_DRIVER = b"virtio_balloon"
 ELF_MAGIC = b"\x7fELF"
 ELF_HEADER_SIZE = 64
 
@@ -32,10 +33,12 @@ KERNEL_LOAD_ERROR = ("Start microvm error: System configuration error: Cannot lo
                      "failed to load ELF kernel image: Kernel Loader: ")
 
 
-def kernel_load_error(kernel: BinaryIO) -> str | None:
+def kernel_load_error(kernel: int) -> str | None:
     """The InstanceStart error for an image Firecracker's ELF loader refuses, else None."""
-    kernel.seek(0)
-    head = kernel.read(ELF_HEADER_SIZE)
+    try:
+        head = os.pread(kernel, ELF_HEADER_SIZE, 0)
+    except OSError:  # a directory opens, but cannot be read
+        head = b""
     if head[:4] == ELF_MAGIC:
         return None
     if len(head) < ELF_HEADER_SIZE:
@@ -43,14 +46,22 @@ def kernel_load_error(kernel: BinaryIO) -> str | None:
     return KERNEL_LOAD_ERROR + "Invalid Elf magic number"
 
 
-def reboots_on_ctrl_alt_del(kernel: BinaryIO) -> bool:
-    """True when the image carries the i8042 keyboard driver."""
+def _image_has(kernel: int, driver: bytes) -> bool:
     try:
-        with mmap.mmap(kernel.fileno(), 0, access=mmap.ACCESS_READ) as image:
-            return image.find(I8042_DRIVER) >= 0
+        with mmap.mmap(kernel, 0, access=mmap.ACCESS_READ) as image:
+            return image.find(driver) >= 0
     except (OSError, ValueError):  # empty or unmappable file
-        kernel.seek(0)
-        return I8042_DRIVER in kernel.read()
+        return driver in os.pread(kernel, os.fstat(kernel).st_size, 0)
+
+
+def reboots_on_ctrl_alt_del(kernel: int) -> bool:
+    """True when the image carries the i8042 keyboard driver."""
+    return _image_has(kernel, I8042_DRIVER)
+
+
+def has_balloon_driver(kernel: int) -> bool:
+    """True when the image carries the virtio balloon driver."""
+    return _image_has(kernel, BALLOON_DRIVER)
 
 
 def boot_lines(cmdline: str) -> list[str]:

@@ -3,10 +3,11 @@
 Only GET, PUT and PATCH exist; every response says `Server: Firecracker API` and
 `Connection: keep-alive` and has no reason phrase (`HTTP/1.1 204 `). A request
 that cannot be framed gets 400 with micro_http's non-schema body
-`{ "error": "<reason>\\nAll previous unanswered requests will be dropped." }`,
-and whatever else the connection had buffered is dropped. `Expect: 100-continue`
-gets an interim `HTTP/1.1 100 `. Bodies larger than the payload limit
-(51200 bytes unless `--http-api-max-payload-size`) are refused.
+`{ "error": "<reason>\\nAll previous unanswered requests will be dropped." }`.
+`Expect: 100-continue` gets an interim `HTTP/1.1 100 `. Bodies larger than the
+payload limit (51200 bytes unless `--http-api-max-payload-size`) are refused, and
+what follows the refused request's headers is parsed on as its further headers,
+1024 bytes at a time, as micro_http does (RequestFramer).
 
 The event loop is a plain selector loop, as Firecracker's API thread is an
 epoll loop: no asyncio, so a simulator process starts in a few tens of ms.
@@ -62,55 +63,118 @@ class FramingError(Exception):
 
 
 CONTINUE = Response(100)
+# micro_http reads a connection into a buffer of this many bytes; a request line or header
+# line must fit in it.
+BUFFER_SIZE = 1024
+
+
+class _Pending:
+    """The request whose headers are being read: what its headers said so far."""
+
+    def __init__(self, method: str, path: str) -> None:
+        self.method = method
+        self.path = path
+        self.length = 0
+        self.expect_continue = False
 
 
 class RequestFramer:
-    """Cuts one connection's byte stream into requests."""
+    """Cuts one connection's byte stream into requests, as micro_http's HttpConnection does.
+
+    The bytes are taken BUFFER_SIZE at a time into one buffer, and a state machine (request
+    line, headers, body) walks it. A framing error answers 400 and drops the requests framed
+    since the last read, but resets nothing else: the state machine carries on from where it
+    stood, over the bytes that follow. So after a payload over the limit, the rest of that
+    request's body is read as more header lines of the refused request.
+    """
 
     def __init__(self, max_payload: int) -> None:
         self.max_payload = max_payload
-        self.buffer = bytearray()
-        self.continue_sent = False
+        self.buffer = bytearray()  # bytes [0, read_cursor) carried over from the last read
+        self.state = "request_line"
+        self.pending: _Pending | None = None
+        self.body = bytearray()
+        self.body_to_read = 0
 
     def feed(self, data: bytes) -> list[Request | Response]:
         """New bytes in; complete requests, interim 100s and framing errors out."""
-        self.buffer += data
         out: list[Request | Response] = []
-        while True:
-            try:
-                item = self._next()
-            except FramingError as err:
-                self.buffer.clear()
-                self.continue_sent = False
-                out.append(err.response())
-                break
-            if item is None:
-                break
-            out.append(item)
-            if item is CONTINUE:
-                break
+        view = memoryview(data)
+        while view:
+            room = BUFFER_SIZE - len(self.buffer)
+            chunk, view = view[:room], view[room:]
+            out.extend(self._read(bytes(chunk)))
         return out
 
-    def _next(self) -> Request | Response | None:
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return None
-        lines = bytes(self.buffer[:end]).split(b"\r\n")
-        method, path = _request_line(lines[0])
-        length, expect_continue = _headers(lines[1:])
-        if length > self.max_payload:
-            raise FramingError(f"Request payload with size {length} is larger than the limit "
-                               f"of {self.max_payload} allowed by server.")
-        total = end + 4 + length
-        if len(self.buffer) < total:
-            if expect_continue and not self.continue_sent:
-                self.continue_sent = True
-                return CONTINUE
-            return None
-        body = bytes(self.buffer[end + 4:total]) or None
-        del self.buffer[:total]
-        self.continue_sent = False
-        return Request(method, path, body)
+    def _read(self, chunk: bytes) -> list[Request | Response]:
+        """One read of micro_http (HttpConnection::try_read)."""
+        read_cursor = len(self.buffer)
+        self.buffer += chunk
+        framed: list[Request | Response] = []
+        try:
+            self._parse(framed)
+        except FramingError as err:
+            # The buffer keeps only what it held before this read; the next read overwrites
+            # the rest. Requests framed in this read are never answered.
+            del self.buffer[read_cursor:]
+            dropped: list[Request | Response] = [item for item in framed if item is CONTINUE]
+            return [*dropped, err.response()]
+        return framed
+
+    def _parse(self, out: list[Request | Response]) -> None:
+        start, end = 0, len(self.buffer)
+        while True:
+            if self.state == "request_line":
+                line_end = self.buffer.find(b"\r\n", start, end)
+                if line_end < 0:
+                    if end == BUFFER_SIZE and start == 0:
+                        raise FramingError("Invalid request.")
+                    del self.buffer[:start]  # keep the incomplete line for the next read
+                    return
+                method, path = _request_line(bytes(self.buffer[start:line_end]))
+                self.pending = _Pending(method, path)
+                self.state = "headers"
+                start = line_end + 2
+            elif self.state == "headers":
+                assert self.pending is not None
+                line_end = self.buffer.find(b"\r\n", start, end)
+                if line_end < 0:
+                    if start == 0 and end == BUFFER_SIZE:
+                        raise FramingError(
+                            "Invalid header. Reason: Invalid content length. Header: "
+                            + bytes(self.buffer).decode("utf-8", "replace"))
+                    del self.buffer[:start]
+                    return
+                if line_end == start:  # the blank line that ends the headers
+                    length = self.pending.length
+                    if length > self.max_payload:
+                        raise FramingError(f"Request payload with size {length} is larger "
+                                           f"than the limit of {self.max_payload} allowed by "
+                                           "server.")
+                    if length and self.pending.expect_continue:
+                        out.append(CONTINUE)
+                    self.body_to_read = length
+                    self.state = "body" if length else "ready"
+                else:
+                    _header_line(bytes(self.buffer[start:line_end]), self.pending)
+                start = line_end + 2
+            elif self.state == "body":
+                available = end - start
+                if self.body_to_read > available:
+                    self.body += self.buffer[start:end]
+                    self.body_to_read -= available
+                    self.buffer.clear()
+                    return
+                self.body += self.buffer[start:start + self.body_to_read]
+                start += self.body_to_read
+                self.body_to_read = 0
+                self.state = "ready"
+            else:  # ready
+                assert self.pending is not None
+                out.append(Request(self.pending.method, self.pending.path,
+                                   bytes(self.body) or None))
+                self.body.clear()
+                self.state = "request_line"
 
 
 def _request_line(line: bytes) -> tuple[str, str]:
@@ -137,25 +201,22 @@ def _abs_path(uri: str) -> str:
     return uri if uri.startswith("/") else ""
 
 
-def _headers(lines: list[bytes]) -> tuple[int, bool]:
-    length, expect_continue = 0, False
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise FramingError("Invalid header. Reason: Header is incorrectly formatted. Key: "
-                               + line.decode("utf-8", "replace"))
-        key = name.strip().lower()
-        text = value.strip().decode("utf-8", "replace")
-        if key == b"content-length":
-            if not text.isascii() or not text.isdigit():
-                raise FramingError(
-                    f"Invalid header. Reason: Invalid value. Key:Content-Length; Value: {text}")
-            length = int(text)
-        elif key == b"transfer-encoding" and text.lower() == "chunked":
-            raise FramingError("Invalid request.")
-        elif key == b"expect" and text.lower() == "100-continue":
-            expect_continue = True
-    return length, expect_continue
+def _header_line(line: bytes, pending: _Pending) -> None:
+    name, colon, value = line.partition(b":")
+    if not colon:
+        raise FramingError("Invalid header. Reason: Header is incorrectly formatted. Key: "
+                           + line.decode("utf-8", "replace"))
+    key = name.strip().lower()
+    text = value.strip().decode("utf-8", "replace")
+    if key == b"content-length":
+        if not text.isascii() or not text.isdigit():
+            raise FramingError(
+                f"Invalid header. Reason: Invalid value. Key:Content-Length; Value: {text}")
+        pending.length = int(text)
+    elif key == b"transfer-encoding" and text.lower() == "chunked":
+        raise FramingError("Invalid request.")
+    elif key == b"expect" and text.lower() == "100-continue":
+        pending.expect_continue = True
 
 
 # ---- the event loop -------------------------------------------------------------------

@@ -22,6 +22,12 @@ from tools.simulators.firecracker.rust_fmt import dumps
 MAX_VCPUS = 32
 DEFAULT_MEM_MIB = 128
 IFNAMSIZ = 16
+# The kernel command line's capacity in bytes, its terminating NUL included.
+CMDLINE_CAPACITY = 2048
+MMIO_BASE = 0xC0001000
+CMDLINE_TOO_LONG = "Inserting string would make command line too long."
+# Drive fields a vhost-user drive (one with a `socket`) must leave out.
+VIRTIO_BLOCK_ONLY = ("is_read_only", "io_engine", "rate_limiter")
 DEFAULT_MMDS_IPV4 = "169.254.169.254"
 DEFAULT_KERNEL_CMDLINE = ("reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux "
                           "i8042.dumbkbd swiotlb=noforce")
@@ -81,8 +87,9 @@ class VmResources:
         self.custom_cpu_template = False
         self.boot_source: dict[str, Any] = {
             "kernel_image_path": "", "initrd_path": None, "boot_args": None}
-        # Firecracker keeps the kernel open from PUT /boot-source on.
-        self.kernel_file: Any = None
+        # Firecracker keeps the kernel open from PUT /boot-source on (a descriptor: opening
+        # a directory succeeds, reading it fails at InstanceStart).
+        self.kernel_fd: int | None = None
         self.drives: list[dict[str, Any]] = []
         self.nets: list[dict[str, Any]] = []
         self.mmds_ifaces: set[str] = set()
@@ -146,7 +153,7 @@ class VmResources:
     # ---- boot source ----
     def set_boot_source(self, cfg: dict[str, Any]) -> None:
         try:
-            kernel = open(cfg["kernel_image_path"], "rb")  # kept open, as Firecracker keeps it
+            kernel = os.open(cfg["kernel_image_path"], os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise ActionError(
                 f"Boot source error: The kernel file cannot be opened: {io_error(e)}") from None
@@ -154,13 +161,17 @@ class VmResources:
             try:
                 os.close(os.open(cfg["initrd_path"], os.O_RDONLY))
             except OSError as e:
-                kernel.close()
+                os.close(kernel)
                 raise ActionError(
                     "Boot source error: The initrd file cannot be opened due to invalid path "
                     f"or invalid permissions. {io_error(e)}") from None
-        if self.kernel_file is not None:
-            self.kernel_file.close()
-        self.kernel_file = kernel
+        if len((cfg.get("boot_args") or "").encode()) >= CMDLINE_CAPACITY:
+            os.close(kernel)
+            raise ActionError("Boot source error: The kernel command line is invalid: Invalid "
+                              "cmdline capacity provided.")
+        if self.kernel_fd is not None:
+            os.close(self.kernel_fd)
+        self.kernel_fd = kernel
         self.boot_source = {"kernel_image_path": cfg["kernel_image_path"],
                             "initrd_path": cfg.get("initrd_path"),
                             "boot_args": cfg.get("boot_args")}
@@ -174,6 +185,25 @@ class VmResources:
             device = (f"PARTUUID={root['partuuid']}" if root["partuuid"] else "/dev/vda")
             cmdline += f" root={device} {'ro' if root['is_read_only'] else 'rw'}"
         return cmdline
+
+    def cmdline_error(self) -> str | None:
+        """InstanceStart's error when the command line Firecracker builds outgrows its
+        CMDLINE_CAPACITY bytes (a NUL included): to the guest's command line
+        (kernel_cmdline) it adds " pci=off", then one virtio_mmio.device entry per virtio
+        device as it attaches them."""
+        length = len(self.kernel_cmdline().encode()) + len(" pci=off")
+        if length >= CMDLINE_CAPACITY:
+            return f"Start microvm error: Invalid kernel command line: {CMDLINE_TOO_LONG}"
+        devices = len(self.drives) + len(self.nets) + len(self.pmem) + sum(
+            1 for device in (self.vsock, self.balloon, self.entropy, self.memory_hotplug)
+            if device is not None)
+        for i in range(devices):
+            length += len(f" virtio_mmio.device=4K@0x{MMIO_BASE + i * 0x1000:x}:{5 + i}")
+            if length >= CMDLINE_CAPACITY:
+                # "resourc" is Firecracker's own spelling.
+                return ("Start microvm error: Could not attach device: MMIO transport error: "
+                        f"Failed to allocate requested resourc: {CMDLINE_TOO_LONG}")
+        return None
 
     # ---- block devices ----
     def has_block_root(self) -> bool:
@@ -210,7 +240,8 @@ class VmResources:
             except OSError as e:
                 raise ActionError(prefix + "Virtio backend error: Error manipulating the "
                                   f"backing file: {io_error(e)} {path}") from None
-        elif path is None and sock is not None:
+        elif path is None and sock is not None and all(
+                cfg.get(name) is None for name in VIRTIO_BLOCK_ONLY):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(sock)
@@ -413,7 +444,7 @@ class VmResources:
         }
 
     def close(self) -> None:
-        if self.kernel_file is not None:
-            self.kernel_file.close()
+        if self.kernel_fd is not None:
+            os.close(self.kernel_fd)
         if self.vsock_listener is not None:
             self.vsock_listener.close()

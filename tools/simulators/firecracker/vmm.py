@@ -182,14 +182,15 @@ class Vmm:
 
     # ---- start ----
     def _start(self) -> None:
-        kernel = self.resources.kernel_file
+        kernel = self.resources.kernel_fd
         if kernel is None:
             raise ActionError(
                 "Start microvm error: Cannot start microvm without kernel configuration.")
-        refusal = guest.kernel_load_error(kernel)
+        refusal = guest.kernel_load_error(kernel) or self.resources.cmdline_error()
         if refusal is not None:
             raise ActionError(refusal)
         self.reboots_on_ctrl_alt_del = guest.reboots_on_ctrl_alt_del(kernel)
+        self.devices.balloon_active = guest.has_balloon_driver(kernel)
         self.devices.hotplug_requested_mib = 0
         self._run(RUNNING)
         self._console(guest.boot_lines(self.resources.kernel_cmdline()))
@@ -321,7 +322,8 @@ class Vmm:
             "vsock": r.vsock, "balloon": r.balloon, "entropy": r.entropy, "pmem": r.pmem,
             "memory_hotplug": r.memory_hotplug,
             "hotplug_requested_mib": self.devices.hotplug_requested_mib,
-            "guest": {"reboots_on_ctrl_alt_del": self.reboots_on_ctrl_alt_del},
+            "guest": {"reboots_on_ctrl_alt_del": self.reboots_on_ctrl_alt_del,
+                      "balloon_active": self.devices.balloon_active},
         }
 
     def _load_snapshot(self, params: dict[str, Any]) -> None:
@@ -380,6 +382,7 @@ class Vmm:
                 r.vsock = state["vsock"]  # the host socket path is taken; keep the config
         self.devices.hotplug_requested_mib = state["hotplug_requested_mib"]
         self.reboots_on_ctrl_alt_del = state["guest"]["reboots_on_ctrl_alt_del"]
+        self.devices.balloon_active = state["guest"].get("balloon_active", True)
         self._run(RUNNING if params["resume_vm"] else PAUSED)
 
     def _attach_memory(self, backend: dict[str, Any], huge_pages: str) -> None:
