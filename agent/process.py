@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil
 
+from vmm.common import failpoints
+
 
 @dataclass(frozen=True)
 class ProcessRef:
@@ -53,6 +55,7 @@ def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
             close_fds=True,
         )
     _reap_in_background(proc)
+    failpoints.hit("agent.process.spawned", console_log.parent.name)
     return ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
 
 
@@ -166,3 +169,18 @@ async def wait_for_socket(path: Path, ref: ProcessRef, timeout: float) -> None:
             raise RuntimeError(f"hypervisor exited before creating its API socket {path}")
         await asyncio.sleep(0.002)
     raise TimeoutError(f"hypervisor did not create its API socket {path} within {timeout}s")
+
+
+def find_by_argument(needles: set[str]) -> list[ProcessRef]:
+    """Live processes one of whose arguments contains one of needles (a VM's API socket
+    path, say): one pass over the process table, for recovery, never on a request path."""
+    found: list[ProcessRef] = []
+    if not needles:
+        return found
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        cmdline = p.info.get("cmdline") or []
+        started = p.info.get("create_time")
+        if p.pid != os.getpid() and started is not None \
+                and any(n in arg for arg in cmdline for n in needles):
+            found.append(ProcessRef(p.pid, started))
+    return found

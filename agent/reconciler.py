@@ -11,19 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 
+from agent import process
 from agent.guest_panic import PANIC_REASON, PanicScanner
 from agent.network.host import HostNetwork
 from agent.runtimes.base import (
     GuestNotReady,
+    Observation,
     Runtime,
     RuntimeFailure,
     RuntimeSettings,
     with_console_tail,
 )
-from agent.vm_dir import StateDir, VmDir
+from agent.vm_dir import STEPS, Phase, StateDir, VmDir
 from vmm.agent.v1 import agent_pb2
+from vmm.common import failpoints
 from vmm.v1 import vm_pb2
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,8 @@ S = vm_pb2.VmState
 
 # Seconds between liveness checks of running hypervisors.
 MONITOR_INTERVAL = 0.5
+# Hypervisors asked about their state at once while adopting after a restart.
+ADOPT_CONCURRENCY = 32
 # VMs checked between yields to the event loop: a pass over a thousand VMs takes a while.
 MONITOR_BATCH = 50
 
@@ -50,6 +55,9 @@ class Reconciler:
         self.report = report
         self.settings = settings or RuntimeSettings()
         self.desired: dict[str, agent_pb2.DesiredVm] = {}
+        # What each VM's desired.json holds, so that an unchanged desired state (a
+        # controller restating the whole set) costs no write.
+        self._saved: dict[str, agent_pb2.DesiredVm] = {}
         self.status: dict[str, agent_pb2.VmStatus] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -62,25 +70,70 @@ class Reconciler:
     # ---- start-up: adopt what runs ----------------------------------------------------
 
     async def adopt_all(self) -> list[agent_pb2.VmStatus]:
-        """Find the VMs of a previous agent run and learn their state; change nothing."""
-        for vm in self.state.existing():
+        """Find the VMs of a previous agent run and learn their state. A hypervisor is kept
+        only where its progress is proved (see `_proven`); any other is stopped, and the
+        next reconcile recreates it from the desired spec."""
+        unproven: list[VmDir] = []
+        limit = asyncio.Semaphore(ADOPT_CONCURRENCY)
+
+        async def adopt(vm: VmDir) -> None:
             desired = vm.load_desired()
             if desired is None:
                 log.warning("state dir %s has no desired.json; it will be removed", vm.path)
                 self.status[vm.vm_id] = agent_pb2.VmStatus(vm_id=vm.vm_id)
-                continue
-            self.desired[vm.vm_id] = desired
+                return
+            self.desired[vm.vm_id] = self._saved[vm.vm_id] = desired
             if self.network is not None:
                 resolved = await self.network.resolve(vm.vm_id, desired.config)
                 self.nics[vm.vm_id] = self.network.status(resolved)
-            status = await self._observe(vm, desired)
+            async with limit:
+                status, stray = await self._adopt(vm, desired)
+            if stray:
+                unproven.append(vm)
             self.status[vm.vm_id] = status
             vm.save_status(status)
-            log.info("adopted vm %s: %s pid %d", vm.vm_id, S.Name(status.state), status.pid,
-                     extra={"vm_id": vm.vm_id})
+            log.info("adopted vm %s: %s pid %d, generation %d", vm.vm_id, S.Name(status.state),
+                     status.pid, status.observed_generation, extra={"vm_id": vm.vm_id})
+
+        await asyncio.gather(*(adopt(vm) for vm in self.state.existing()))
+        if unproven:
+            await self._stop_strays(unproven)
         if self.network is not None:
             await self.network.sweep({vm_id: d.config for vm_id, d in self.desired.items()})
         return list(self.status.values())
+
+    async def _adopt(self, vm: VmDir, desired: agent_pb2.DesiredVm
+                     ) -> tuple[agent_pb2.VmStatus, bool]:
+        """The VM's status as proved, and whether a step under way may have spawned a
+        hypervisor it never recorded."""
+        last = vm.load_status()
+        phase = vm.load_phase()
+        runtime = self.runtimes.get(desired.backend)
+        obs = await runtime.observe(vm) if runtime is not None else None
+        if runtime is not None and obs is not None and obs.alive \
+                and not _proven(phase, obs.state):
+            log.warning("vm %s: cannot prove how far its hypervisor got (phase %s, state %s); "
+                        "stopping it to recreate it from the desired spec", vm.vm_id,
+                        phase.step if phase else "none", S.Name(obs.state),
+                        extra={"vm_id": vm.vm_id})
+            await runtime.destroy(vm)
+            obs = None
+        # A stop that was under way and whose process is gone has done its job.
+        stopping = phase is not None and phase.under_way \
+            and phase.step in ("stopping", "rebooting") and not (obs and obs.alive)
+        status = await self._observe(vm, desired, stopped_on_request=stopping, observed=obs)
+        # What was carried out is what was last reported, not what desired.json asks for.
+        status.observed_generation = last.observed_generation if last else 0
+        status.reboot_epoch = last.reboot_epoch if last else 0
+        under_way = phase is not None and phase.under_way
+        return status, under_way and not (obs and obs.alive)
+
+    async def _stop_strays(self, vms: list[VmDir]) -> None:
+        """Hypervisors spawned by a step the agent died in before recording them: found by
+        their VM's API socket on their command line, and stopped."""
+        for ref in process.find_by_argument({str(vm.api_socket) for vm in vms}):
+            log.warning("stopping unrecorded hypervisor pid %d", ref.pid)
+            await process.kill(ref)
 
     def start_monitor(self) -> None:
         self._monitor = asyncio.create_task(self._monitor_forever(), name="vm-monitor")
@@ -127,7 +180,10 @@ class Reconciler:
             if desired is None:
                 return
             vm = self.state.vm(vm_id)
-            vm.save_desired(desired)
+            if self._saved.get(vm_id) != desired:
+                vm.save_desired(desired)
+                self._saved[vm_id] = desired
+                failpoints.hit("agent.desired.saved", vm_id)
             last = self.status.get(vm_id)
             if last is not None and last.observed_generation == desired.generation \
                     and (last.error or last.state == S.VM_STATE_FAILED):
@@ -172,19 +228,30 @@ class Reconciler:
         policy = desired.shutdown
         timeout = float(policy.timeout_seconds) or self.settings.default_shutdown_timeout
 
+        async def step(name: str, failpoint: str, action: Callable[[], Awaitable[None]]) -> None:
+            # The phase before and after each step is what a restarted agent proves from.
+            vm.save_phase(name, desired.generation)
+            await action()
+            failpoints.hit(failpoint, vm.vm_id)
+            vm.save_phase(STEPS[name], desired.generation)
+
+        booted = False
         if actual == S.VM_STATE_UNSPECIFIED:  # nothing exists yet
             if target == S.VM_STATE_SHUTDOWN:
                 return
             runnable = await self._runnable(vm.vm_id, desired)
             try:
-                await runtime.create(vm, runnable)
+                await step("creating", "agent.vm.created",
+                           lambda: runtime.create(vm, runnable))
             except BaseException:
                 await self._release_network(vm.vm_id, desired.config)
                 raise
             actual = S.VM_STATE_CREATED
         if target == S.VM_STATE_SHUTDOWN:
             if actual != S.VM_STATE_SHUTDOWN:
-                await runtime.shutdown(vm, policy.force or actual != S.VM_STATE_RUNNING, timeout)
+                force = policy.force or actual != S.VM_STATE_RUNNING
+                await step("stopping", "agent.vm.stopped",
+                           lambda: runtime.shutdown(vm, force, timeout))
             return
         if target in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED):
             if actual == S.VM_STATE_FAILED and runtime.live_process(vm) is not None:
@@ -192,18 +259,22 @@ class Reconciler:
                 await runtime.shutdown(vm, True, 0)
             if actual in (S.VM_STATE_CREATED, S.VM_STATE_SHUTDOWN, S.VM_STATE_FAILED):
                 self.panics.booting(vm)
-                await runtime.boot(vm, await self._runnable(vm.vm_id, desired))
-                actual = S.VM_STATE_RUNNING
+                runnable = await self._runnable(vm.vm_id, desired)
+                await step("booting", "agent.vm.booted", lambda: runtime.boot(vm, runnable))
+                actual, booted = S.VM_STATE_RUNNING, True
             elif actual == S.VM_STATE_PAUSED and target == S.VM_STATE_RUNNING:
-                await runtime.resume(vm)
+                await step("resuming", "agent.vm.booted", lambda: runtime.resume(vm))
                 actual = S.VM_STATE_RUNNING
             last_epoch = last.reboot_epoch if last else 0
-            if desired.reboot_epoch != last_epoch and actual == S.VM_STATE_RUNNING:
+            # A guest this pass booted has just started fresh: that is the reboot.
+            if desired.reboot_epoch != last_epoch and actual == S.VM_STATE_RUNNING \
+                    and not booted:
                 self.panics.booting(vm)
-                await runtime.reboot(vm, await self._runnable(vm.vm_id, desired),
-                                     desired.force_reboot)
+                runnable = await self._runnable(vm.vm_id, desired)
+                await step("rebooting", "agent.vm.rebooted",
+                           lambda: runtime.reboot(vm, runnable, desired.force_reboot))
             if target == S.VM_STATE_PAUSED and actual == S.VM_STATE_RUNNING:
-                await runtime.pause(vm)
+                await step("pausing", "agent.vm.stopped", lambda: runtime.pause(vm))
 
     async def _runnable(self, vm_id: str, desired: agent_pb2.DesiredVm) -> agent_pb2.DesiredVm:
         """The desired VM as its hypervisor is to run it: managed TAPs made and named."""
@@ -225,11 +296,12 @@ class Reconciler:
                               extra={"vm_id": vm_id})
 
     async def _observe(self, vm: VmDir, desired: agent_pb2.DesiredVm,
-                       stopped_on_request: bool = False) -> agent_pb2.VmStatus:
+                       stopped_on_request: bool = False,
+                       observed: Observation | None = None) -> agent_pb2.VmStatus:
         """The VM's status now, from the live hypervisor and what this agent recorded.
 
         stopped_on_request: this agent has just shut the VM down, so a missing process
-        is a SHUTDOWN VM, not a crash."""
+        is a SHUTDOWN VM, not a crash. observed: the runtime's observation, if just made."""
         last = self.status.get(vm.vm_id) or vm.load_status()
         status = agent_pb2.VmStatus(vm_id=vm.vm_id, observed_generation=desired.generation,
                                     backend=desired.backend,
@@ -239,7 +311,7 @@ class Reconciler:
             status.state = last.state if last else S.VM_STATE_UNSPECIFIED
             status.reason = f"backend {desired.backend} is not available on this host"
             return status
-        obs = await runtime.observe(vm)
+        obs = observed or await runtime.observe(vm)
         status.pid = obs.pid
         status.backend_info.update(obs.backend_info)
         status.network_interfaces.extend(self.nics.get(vm.vm_id, ()))
@@ -278,12 +350,14 @@ class Reconciler:
         return status
 
     def _publish(self, vm: VmDir, status: agent_pb2.VmStatus) -> None:
+        changed = self.status.get(vm.vm_id) != status
         self.status[vm.vm_id] = status
         # Report first: the controller's caller waits on it, and the file only helps a
         # restarted agent, which observes the hypervisor again anyway.
         self.report(status)
-        if vm.exists():
+        if changed and vm.exists():
             vm.save_status(status)
+            failpoints.hit("agent.status.saved", vm.vm_id)
 
     async def _remove(self, vm_id: str, force: bool) -> None:
         async with self.lock(vm_id):
@@ -299,11 +373,14 @@ class Reconciler:
                     await runtime.destroy(vm)
                 except Exception:
                     log.exception("destroying vm %s failed", vm_id, extra={"vm_id": vm_id})
+            failpoints.hit("agent.vm.destroyed", vm_id)
             if desired is not None:
                 await self._release_network(vm_id, desired.config)
             vm.remove()
+            failpoints.hit("agent.vm.removed", vm_id)
             self.status.pop(vm_id, None)
             self.panics.forget(vm_id)
+            self._saved.pop(vm_id, None)
             log.info("removed vm %s", vm_id, extra={"vm_id": vm_id})
             self.report(agent_pb2.VmStatus(vm_id=vm_id, removed=True, backend=backend))
 
@@ -370,9 +447,18 @@ class Reconciler:
         runtime = self.runtimes[desired.backend]
         async with self.lock(request.vm_id):
             vm = self.state.vm(request.vm_id)
-            config = await self._hotplug_with_network(runtime, vm, desired, request)
+            vm.save_phase("hotplugging", desired.generation)
+            try:
+                config = await self._hotplug_with_network(runtime, vm, desired, request)
+            except RuntimeFailure:
+                # Refused by the hypervisor: the VM runs as it did.
+                vm.save_phase(STEPS["hotplugging"], desired.generation)
+                raise
+            failpoints.hit("agent.vm.hotplugged", request.vm_id)
             desired.config.CopyFrom(config)
             vm.save_desired(desired)
+            self._saved[request.vm_id] = desired
+            vm.save_phase(STEPS["hotplugging"], desired.generation)
             status = await self._observe(vm, desired)
             self._publish(vm, status)
             return agent_pb2.HotplugResult(config=config, state=status.state)
@@ -422,3 +508,18 @@ class Reconciler:
         for vm_id in list(self.status):
             self.desired.pop(vm_id, None)
             await self._remove(vm_id, force=True)
+
+
+def _proven(phase: Phase | None, state: vm_pb2.VmState.ValueType) -> bool:
+    """Whether a live hypervisor found on restart may be adopted as it is.
+
+    A started guest (RUNNING, PAUSED) or a stopped one (SHUTDOWN), as the hypervisor's own
+    API reports it, proves its configuration was complete. A CREATED one proves nothing
+    unless its create (or the last step) was recorded as finished: an interrupted create
+    leaves a process that answers its API unconfigured. An interrupted hotplug leaves a
+    config nobody recorded. No answer at all proves nothing."""
+    if state in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED, S.VM_STATE_SHUTDOWN):
+        return phase is None or phase.step != "hotplugging"
+    if state == S.VM_STATE_CREATED:
+        return phase is not None and not phase.under_way
+    return False

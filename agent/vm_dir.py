@@ -4,6 +4,9 @@
     desired.json   the last desired state the controller sent (DesiredVm as JSON)
     status.json    the last status the agent reported (VmStatus as JSON)
     runtime.json   what the runtime recorded: pid, process start time, backend, extras
+    phase          the lifecycle step under way or last finished, and its generation
+                   ("booting 4"), written before and after each step: what lets a
+                   restarted agent prove how far an interrupted operation got
     (api socket)   the hypervisor's API socket (QMP for QEMU) lives in <state_dir>/sockets/,
                    named by a digest of the VM id, to stay within the Unix socket path limit
     console.log    the guest serial console (the hypervisor's stdout/stderr)
@@ -31,6 +34,23 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# Steps of the lifecycle, as recorded in the phase file: under way -> finished.
+STEPS = {"creating": "created", "booting": "running", "stopping": "stopped",
+         "rebooting": "running", "pausing": "paused", "resuming": "running",
+         "hotplugging": "hotplugged"}
+
+
+@dataclass(frozen=True)
+class Phase:
+    step: str
+    generation: int
+
+    @property
+    def under_way(self) -> bool:
+        """The step began and was never recorded as finished (the agent died during it)."""
+        return self.step in STEPS
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,10 @@ class VmDir:
     def status_file(self) -> Path:
         return self.path / "status.json"
 
+    @property
+    def phase_file(self) -> Path:
+        return self.path / "phase"
+
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.api_socket.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +132,17 @@ class VmDir:
         try:
             return json_format.Parse(self.status_file.read_text(), agent_pb2.VmStatus())
         except (OSError, json_format.ParseError):
+            return None
+
+    def save_phase(self, step: str, generation: int) -> None:
+        """One small atomic write per step: the step name and the generation it serves."""
+        _write_atomically(self.phase_file, f"{step} {generation}\n")
+
+    def load_phase(self) -> Phase | None:
+        try:
+            step, generation = self.phase_file.read_text().split()
+            return Phase(step, int(generation))
+        except (OSError, ValueError):
             return None
 
     def save_runtime(self, data: dict[str, Any]) -> None:

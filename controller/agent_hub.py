@@ -30,6 +30,7 @@ from controller.store import Store, StoredVm, now
 from controller.telemetry import Telemetry
 from controller.vm_cache import VmCache, VmChange
 from vmm.agent.v1 import agent_pb2, agent_pb2_grpc
+from vmm.common import failpoints
 from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2, vm_pb2
 
@@ -122,6 +123,14 @@ class AgentSession:
     def cancel(self, request_id: str) -> None:
         self.send(agent_pb2.ConnectResponse(request=agent_pb2.Request(
             cancel=agent_pb2.CancelRequest(request_id=request_id))))
+
+    def abandon(self) -> None:
+        """The stream ended: answer every request still waiting, retryably, rather than
+        leave its caller to time out."""
+        for queue in self.replies.values():
+            queue.put_nowait(agent_pb2.Reply(
+                error_code="UNAVAILABLE",
+                error=f"host {self.host_id} disconnected before it answered; try again"))
 
     def deliver(self, reply: agent_pb2.Reply) -> None:
         queue = self.replies.get(reply.request_id)
@@ -281,6 +290,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         session = self.sessions.get(record.host_id)
         if session is not None:
             session.send(desired_message(record))
+            failpoints.hit("controller.desired.pushed", record.vm_id)
 
     # ---- the stream -----------------------------------------------------------------
 
@@ -300,6 +310,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             opened = True
             for status in register.vms:
                 await self.apply_status(session, status)
+            await self._finish_deletions(session)
             reader = asyncio.create_task(self._read(session, context))
             writer = asyncio.create_task(self._write(session, context))
             try:
@@ -321,6 +332,20 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             if opened:
                 self._close(session)
             log.info("host %s disconnected", host_id)
+
+    async def _finish_deletions(self, session: AgentSession) -> None:
+        """Records of this host marked for deletion that its agent does not have: the agent
+        removed the VM but its report was lost (or it never had it). Finalise them now;
+        O(the host's VMs). Those it does have it removes, as they are not in its desired
+        set, and reports as removed."""
+        reported = {status.vm_id for status in session.register.vms}
+        for stored in self.cache.on_host(session.host_id):
+            record = stored.record
+            if record.deleting and record.vm_id not in reported:
+                if await self.store.delete_vm(record.vm_id, expected=stored):
+                    log.info("vm %s: deletion finished, host %s no longer has it",
+                             record.vm_id, session.host_id, extra={"vm_id": record.vm_id})
+                    self.telemetry.vm_deleted(record)
 
     async def _register(self, session: AgentSession) -> None:
         """Write the host record and alive key (bounded in concurrency), then open the
@@ -381,6 +406,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         """Close the session (synchronously: the stream's handler may be cancelled) and
         delete its alive key in the background, unless a newer registration wrote it."""
         host_id = session.host_id
+        session.abandon()
         if self.sessions.get(host_id) is not session:
             return  # replaced by a newer session of the same host
         del self.sessions[host_id]
@@ -487,6 +513,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             except BaseException:
                 self.cache.forget_report(ahead, cached)
                 raise
+            failpoints.hit("controller.status.applied", status.vm_id)
             if stored is not None:
                 self.cache.note_write(stored)
             if stored is None or stored.revision == cached.revision:

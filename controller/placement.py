@@ -14,6 +14,7 @@ from controller.errors import ApiError, failed_precondition, invalid
 from controller.host_commits import HostCommits
 from controller.store import StoredVm, now
 from vmm.agent.v1 import agent_pb2
+from vmm.common import failpoints
 from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2, vm_pb2
 
@@ -70,6 +71,7 @@ class Placer:
                 self.ops.telemetry.placement_conflicts.add(1)
                 self.ops.telemetry.observe_placement(time.perf_counter() - started, "conflicted")
                 continue
+            failpoints.hit("controller.create.committed", vm_id)
             self.ops.telemetry.observe_placement(time.perf_counter() - started, "placed")
             self.ops.telemetry.placed(host_id, choice.backend.name)
             self.ops.cache.note_write(stored)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controller.etcd import Compare, EtcdClient, GetResult, KeyValue, Op
+from vmm.common import failpoints
 from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2
 
@@ -170,6 +171,7 @@ class Store:
                 failure=[],
             )
             if result.succeeded:
+                failpoints.hit("controller.vm.deleted", vm_id)
                 return True
         raise ConflictError(f"deleting vm {vm_id!r} kept racing other writers")
 

@@ -20,6 +20,7 @@ from agent.hypervisors.errors import RuntimeFailure as RuntimeFailure
 from agent.process import ProcessRef
 from agent.vm_dir import VmDir
 from vmm.agent.v1 import agent_pb2
+from vmm.common import failpoints
 from vmm.v1 import host_pb2, vm_pb2
 
 
@@ -164,6 +165,7 @@ class Runtime(ABC):
     def save_process(self, vm: VmDir, ref: ProcessRef, **extra: object) -> None:
         vm.save_runtime({"backend": self.name, "simulated": self.simulated, **ref.to_dict(),
                          **extra})
+        failpoints.hit("agent.runtime.recorded", vm.vm_id)
 
     def load_process(self, vm: VmDir) -> ProcessRef | None:
         return ProcessRef.from_dict(vm.load_runtime())

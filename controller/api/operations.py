@@ -28,6 +28,7 @@ from controller.telemetry import Telemetry
 from controller.vm_cache import VmCache
 from vmm import features
 from vmm.agent.v1 import agent_pb2
+from vmm.common import failpoints
 from vmm.store.v1 import records_pb2
 from vmm.v1 import vm_pb2
 
@@ -164,6 +165,7 @@ class VmOperations:
                 edit(r)
 
         written = await self.store.mutate_vm(vm_id, change, known=stored)
+        failpoints.hit("controller.vm.mutated", vm_id)
         if written is None:
             raise not_found(vm_id)
         self.cache.note_write(written)
