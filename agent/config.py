@@ -50,6 +50,10 @@ class AgentConfig:
     # Stop and remove every VM when the agent exits (for throwaway local setups only:
     # normally VMs outlive agent restarts and are adopted).
     stop_vms_on_exit: bool = False
+    # Host path policy: every file a VM config names must resolve under one of these
+    # directories; block (and VFIO) devices must match one of the allowlist's globs.
+    host_path_roots: list[str] = field(default_factory=lambda: ["/var/lib/vmm"])
+    host_device_allowlist: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     # Make and remove the TAP devices of NICs that name a bridge (needs CAP_NET_ADMIN).
     manage_network: bool = True

@@ -11,6 +11,7 @@ import signal
 
 from agent import config as config_module
 from agent.config import AgentConfig
+from agent.host_paths import HostPathPolicy
 from agent.metrics import AgentTelemetry, MetricsSampler, serve_metrics
 from agent.network.host import HostNetwork
 from agent.reconciler import Reconciler
@@ -42,8 +43,9 @@ class Agent:
         settings = RuntimeSettings(default_shutdown_timeout=config.shutdown_timeout,
                                    boot_timeout=config.boot_timeout)
         network = HostNetwork(config.host_id) if config.manage_network else None
+        host_paths = HostPathPolicy.of(config.host_path_roots, config.host_device_allowlist)
         self.reconciler = Reconciler(self.state, self.runtimes, self._report, settings,
-                                     network)
+                                     network, host_paths)
         self.sampler = MetricsSampler(self.reconciler, config.metrics_interval,
                                       config.metrics_concurrency)
         self.telemetry = AgentTelemetry(self.reconciler, self.sampler, config.host_id)
@@ -57,6 +59,9 @@ class Agent:
         for name, runtime in self.runtimes.items():
             log.info("backend %s: %s%s", name, runtime.binary,
                      " (simulated)" if runtime.simulated else "")
+        log.info("VM files allowed under %s; devices matching %s",
+                 ", ".join(self.reconciler.host_paths.roots) or "nothing",
+                 ", ".join(self.reconciler.host_paths.device_allowlist) or "nothing")
         if not self.runtimes:
             log.warning("no backend is available on this host")
         if self.reconciler.network is not None:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 
 from agent import process
 from agent.guest_panic import PANIC_REASON, PanicScanner
+from agent.host_paths import HostPathPolicy
 from agent.network.host import HostNetwork
 from agent.runtimes.base import (
     GuestNotReady,
@@ -40,17 +41,25 @@ ADOPT_CONCURRENCY = 32
 MONITOR_BATCH = 50
 
 
+def _refuse(violations: list[agent_pb2.FieldViolation]) -> None:
+    if violations:
+        raise RuntimeFailure("; ".join(f"{v.field}: {v.description}" for v in violations),
+                             "INVALID_ARGUMENT")
+
+
 class Reconciler:
     def __init__(self, state: StateDir, runtimes: dict[str, Runtime],
                  report: Callable[[agent_pb2.VmStatus], None],
                  settings: RuntimeSettings | None = None,
-                 network: HostNetwork | None = None) -> None:
+                 network: HostNetwork | None = None,
+                 host_paths: HostPathPolicy | None = None) -> None:
         self.state = state
         # Makes and removes the VMs' TAPs; None leaves host devices alone (NICs name
         # existing TAPs only).
         self.network = network
         # Each VM's NICs as the host runs them (TAP, MAC, address).
         self.nics: dict[str, list[vm_pb2.NetworkInterfaceStatus]] = {}
+        self.host_paths = host_paths or HostPathPolicy()
         self.runtimes = runtimes
         self.report = report
         self.settings = settings or RuntimeSettings()
@@ -277,7 +286,10 @@ class Reconciler:
                 await step("pausing", "agent.vm.stopped", lambda: runtime.pause(vm))
 
     async def _runnable(self, vm_id: str, desired: agent_pb2.DesiredVm) -> agent_pb2.DesiredVm:
-        """The desired VM as its hypervisor is to run it: managed TAPs made and named."""
+        """The desired VM as its hypervisor is to run it: host paths allowed (checked again
+        before any process starts, as the files may have changed since preflight) and
+        resolved, managed TAPs made and named."""
+        desired = self._with_allowed_paths(self.state.vm(vm_id), desired)
         if self.network is None:
             return desired
         runnable = agent_pb2.DesiredVm()
@@ -294,6 +306,15 @@ class Reconciler:
             except Exception:
                 log.exception("removing the taps of vm %s failed", vm_id,
                               extra={"vm_id": vm_id})
+    def _with_allowed_paths(self, vm: VmDir, desired: agent_pb2.DesiredVm
+                            ) -> agent_pb2.DesiredVm:
+        config, violations = self.host_paths.resolved(desired.config)
+        _refuse(violations)
+        allowed = agent_pb2.DesiredVm()
+        allowed.CopyFrom(desired)
+        allowed.config.CopyFrom(config)
+        vm.link_console_output(config.console.output)
+        return allowed
 
     async def _observe(self, vm: VmDir, desired: agent_pb2.DesiredVm,
                        stopped_on_request: bool = False,
@@ -435,16 +456,18 @@ class Reconciler:
         if runtime is None:
             return [agent_pb2.FieldViolation(
                 field="backend", description=f"{request.backend} is not available on this host")]
+        path_violations = self.host_paths.check(request.config)
         if self.network is None:
-            return runtime.preflight(request.vm_id, request.config)
+            return path_violations + runtime.preflight(request.vm_id, request.config)
         config, violations = self.network.preflight(request.vm_id, request.config)
-        return violations + runtime.preflight(request.vm_id, config)
+        return path_violations + violations + runtime.preflight(request.vm_id, config)
 
     async def hotplug(self, request: agent_pb2.HotplugRequest) -> agent_pb2.HotplugResult:
         desired = self.desired.get(request.vm_id)
         if desired is None:
             raise RuntimeFailure(f"vm {request.vm_id} is not on this host", "NOT_FOUND")
         runtime = self.runtimes[desired.backend]
+        request = self._hotplug_with_allowed_paths(request)
         async with self.lock(request.vm_id):
             vm = self.state.vm(request.vm_id)
             vm.save_phase("hotplugging", desired.generation)
@@ -487,6 +510,19 @@ class Reconciler:
             await network.release_nic(vm.vm_id, request.detach_nic)
         self.nics[vm.vm_id] = network.status(config)
         return config
+    def _hotplug_with_allowed_paths(self, request: agent_pb2.HotplugRequest
+                                    ) -> agent_pb2.HotplugRequest:
+        allowed = agent_pb2.HotplugRequest()
+        allowed.CopyFrom(request)
+        violations: list[agent_pb2.FieldViolation] = []
+        if request.HasField("attach_disk"):
+            disk, violations = self.host_paths.resolved_disk(request.attach_disk, "device")
+            allowed.attach_disk.CopyFrom(disk)
+        elif request.HasField("attach_nic"):
+            nic, violations = self.host_paths.resolved_nic(request.attach_nic, "interface")
+            allowed.attach_nic.CopyFrom(nic)
+        _refuse(violations)
+        return allowed
 
     def metrics_targets(self) -> list[tuple[str, str]]:
         """(vm_id, backend) of every VM whose metrics are worth sampling: running or paused

@@ -9,7 +9,8 @@
                    restarted agent prove how far an interrupted operation got
     (api socket)   the hypervisor's API socket (QMP for QEMU) lives in <state_dir>/sockets/,
                    named by a digest of the VM id, to stay within the Unix socket path limit
-    console.log    the guest serial console (the hypervisor's stdout/stderr)
+    console.log    the guest serial console (the hypervisor's stdout/stderr); a link to
+                   the config's console.output when it names one
     console.boot   the size console.log had when the guest last booted
     metrics.json   hypervisor metrics output, where the backend writes a file
     hypervisor.log hypervisor's own log, where the backend writes one
@@ -99,6 +100,22 @@ class VmDir:
     @property
     def phase_file(self) -> Path:
         return self.path / "phase"
+
+    def link_console_output(self, output: str) -> None:
+        """Send the console to output (a path the host path policy allowed) as well:
+        console.log becomes a link to it, so the relay and the tail read the same file."""
+        log = self.console_log
+        if not output:
+            if log.is_symlink():
+                log.unlink()
+            return
+        if log.is_symlink() and os.readlink(log) == output:
+            return
+        self.create()
+        tmp = log.with_suffix(".link")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(output)
+        os.replace(tmp, log)
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from agent import process
+from agent.host_paths import REFUSED, HostPathPolicy
 from agent.hypervisors.errors import HypervisorApiError
 from agent.hypervisors.firecracker_api import FirecrackerApi
 from agent.hypervisors.unix_http import UnixHttpClient
@@ -474,18 +475,19 @@ def test_preflight_names_options_firecracker_cannot_honour(tmp_path: Path) -> No
     violations = {v.field: v.description
                   for v in _runtime_without_binary().preflight("vm-1", config)}
 
-    assert "config.boot.kernel_path" in violations
+    # Missing files are the agent's host path policy's to refuse (tests/test_host_paths.py).
+    assert "config.boot.kernel_path" not in violations
     assert "num_queues" in violations["config.storage[0].options[num_queues]"]
     assert "positive whole number" in violations["config.storage[1].options[rate_limit_ops]"]
 
 
-def test_preflight_refuses_a_kernel_that_is_a_directory(backend: Backend,
-                                                        tmp_path: Path) -> None:
-    # Firecracker accepts a directory at PUT /boot-source and fails only at InstanceStart.
+def test_preflight_refuses_a_kernel_that_is_a_directory(tmp_path: Path) -> None:
+    # Firecracker accepts a directory at PUT /boot-source and fails only at InstanceStart:
+    # the agent's host path policy lets only regular files through.
     config = desired_vm(tmp_path).config
-    [violation] = backend.runtime.preflight("vm-1", config)
+    [violation] = HostPathPolicy.of([str(tmp_path)]).check(config)
     assert violation.field == "config.boot.kernel_path"
-    assert "is a directory" in violation.description
+    assert violation.description == REFUSED
 
 
 async def test_boot_args_are_refused_beyond_what_firecracker_can_hold(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from agent import process
 from agent.hypervisors.errors import RuntimeFailure as RuntimeFailure
@@ -107,11 +106,12 @@ class Runtime(ABC):
         )
 
     def preflight(self, vm_id: str, config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
-        """Host-local checks before anything is stored: files exist, devices are usable.
+        """Host-local checks before anything is stored: devices are usable, the backend
+        can express the config. (The agent's host path policy checks the files.)
 
         The controller has already checked the config against `capabilities()`.
         """
-        return check_host_paths(config)
+        return []
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -199,31 +199,6 @@ def positive_int(value: str) -> int | None:
     except ValueError:
         return None
     return number if number > 0 else None
-
-
-def check_host_paths(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
-    """Files a config names must exist on this host, and be files: a hypervisor may accept
-    a directory as a kernel and fail only when the guest boots."""
-    violations: list[agent_pb2.FieldViolation] = []
-
-    def need(path: str, field_path: str, what: str) -> None:
-        if not path:
-            return
-        host_path = Path(path)
-        if not host_path.exists():
-            problem = "does not exist on this host"
-        elif host_path.is_dir():
-            problem = "is a directory on this host, not a file"
-        else:
-            return
-        violations.append(agent_pb2.FieldViolation(
-            field=field_path, description=f"{what} {path!r} {problem}"))
-
-    need(config.boot.kernel_path, "config.boot.kernel_path", "kernel")
-    need(config.boot.initrd_path, "config.boot.initrd_path", "initrd")
-    for i, disk in enumerate(config.storage):
-        need(disk.path, f"config.storage[{i}].path", "disk")
-    return violations
 
 
 def console_tail(vm: VmDir, lines: int = 20, max_bytes: int = 64 * 1024) -> str:

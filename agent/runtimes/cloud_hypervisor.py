@@ -47,7 +47,6 @@ from agent.runtimes.base import (
     Runtime,
     RuntimeFailure,
     RuntimeSettings,
-    check_host_paths,
     console_tail,
     find_binary,
 )
@@ -199,7 +198,7 @@ class CloudHypervisorRuntime(Runtime):
 
     def preflight(self, vm_id: str, config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
         _, violations = translate_config(config)
-        return check_host_paths(config) + violations
+        return violations
 
     # ---- lifecycle
 

@@ -62,7 +62,6 @@ from agent.runtimes.base import (
     RuntimeFailure,
     RuntimeSettings,
     UnsupportedOperation,
-    check_host_paths,
     console_tail,
     find_binary,
     positive_int,
@@ -416,7 +415,7 @@ class FirecrackerRuntime(Runtime):
         )
 
     def preflight(self, vm_id: str, config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
-        return check_host_paths(config) + config_violations(config)
+        return config_violations(config)
 
     # ---- lifecycle ------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from tools.fleet.etcd_server import EtcdServer, free_loopback_port
+from tools.guests.images import default_cache_dir
 from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,8 +139,13 @@ class Cluster:
 
     def add_agent(self, host_id: str, vcpus: int = 8, memory: int = 16 * GIB,
                   backends: str = "firecracker", extra: list[str] | None = None,
-                  env: dict[str, str] | None = None, controller: str = "") -> Process:
+                  env: dict[str, str] | None = None, controller: str = "",
+                  host_path_roots: list[Path] | None = None) -> Process:
+        """An agent process. VM files are allowed under host_path_roots: by default the
+        cluster's work dir and the built guest images."""
         state = self.workdir / f"agent-{host_id}"
+        roots = host_path_roots if host_path_roots is not None else [
+            self.workdir, default_cache_dir()]
         agent = Process(f"agent-{host_id}", [
             sys.executable, "-m", "agent.main", "--controller", controller or self.address,
             "--host-id", host_id, "--state-dir", str(state), "--backends", backends,
@@ -147,6 +153,7 @@ class Cluster:
             "--cpu-overcommit-ratio", "1.0", "--memory-overcommit-ratio", "1.0",
             "--heartbeat-interval", "0.5", "--shutdown-timeout", "3", "--log-level", "debug",
             "--stop-vms-on-exit", "true",
+            "--host-path-roots", ",".join(str(root) for root in roots),
             *(extra or [])], self.workdir / f"agent-{host_id}.log", {**self.env, **(env or {})})
         agent.start()
         self.agents[host_id] = agent

@@ -115,7 +115,11 @@ def main() -> None:
         procs.append(("controller", controller))
         wait_http(f"http://{args.http_listen}/_/health", 30, controller, "controller")
         agent = start([py, "-m", "agent.main", "--controller", args.listen,
-                       "--state-dir", str(VAR / "agent"), "--stop-vms-on-exit", "true"],
+                       "--state-dir", str(VAR / "agent"), "--stop-vms-on-exit", "true",
+                       # The examples' files: /var/lib/vmm, whose guests link points into
+                       # the built images (the path policy follows links to their target).
+                       "--host-path-roots",
+                       f"{EXAMPLE_ROOT},{guest_images.default_cache_dir().resolve()}"],
                       "agent.log")
         procs.append(("agent", agent))
         print(f"control plane running: gRPC {args.listen}, "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.runtimes.base import check_host_paths
 from agent.runtimes.qemu.accel import Accel, kvm_device_usable
 from agent.runtimes.qemu.config import (
     ACCEL_OPTION,
@@ -73,7 +72,7 @@ LIMITS = host_pb2.BackendLimits(
 def preflight_violations(config: vm_pb2.VmConfig,
                          default_accel: Accel) -> list[agent_pb2.FieldViolation]:
     """What keeps config from running here: its own faults and what this host lacks."""
-    violations = check_host_paths(config) + config_violations(config)
+    violations = config_violations(config)
     if not any(v.field.startswith("config.boot.boot_options") for v in violations):
         if requested_accel(config, default_accel) == Accel.KVM and not kvm_device_usable():
             violations.append(agent_pb2.FieldViolation(

@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from agent.hypervisors.qmp import QmpClient
-from agent.runtimes.base import RuntimeFailure, check_host_paths
+from agent.runtimes.base import RuntimeFailure
 from agent.runtimes.qemu import record
 from agent.runtimes.qemu.config import (
     MAX_DISKS,
@@ -179,8 +179,8 @@ async def _attach_disk(vm: VmDir, qmp: QmpClient, config: vm_pb2.VmConfig,
     if disk_id in disk_ids(config.storage):
         raise RuntimeFailure(f"VM {vm.vm_id} already has a disk {disk_id!r}",
                              "ALREADY_EXISTS")
-    raise_violations(disk_violations(disk, "device") + check_host_paths(
-        vm_pb2.VmConfig(storage=[disk])))
+    # The agent's host path policy has already allowed and resolved the disk's path.
+    raise_violations(disk_violations(disk, "device"))
     if len(config.storage) >= MAX_DISKS:
         raise RuntimeFailure(f"VM {vm.vm_id} already has {MAX_DISKS} disks",
                              "RESOURCE_EXHAUSTED")
