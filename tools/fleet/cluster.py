@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,10 +143,11 @@ class Cluster:
                   env: dict[str, str] | None = None, controller: str = "",
                   host_path_roots: list[Path] | None = None) -> Process:
         """An agent process. VM files are allowed under host_path_roots: by default the
-        cluster's work dir and the built guest images."""
+        cluster's work dir, the temp dir (where tests make their files) and the built
+        guest images."""
         state = self.workdir / f"agent-{host_id}"
         roots = host_path_roots if host_path_roots is not None else [
-            self.workdir, default_cache_dir()]
+            self.workdir, Path(tempfile.gettempdir()), default_cache_dir()]
         agent = Process(f"agent-{host_id}", [
             sys.executable, "-m", "agent.main", "--controller", controller or self.address,
             "--host-id", host_id, "--state-dir", str(state), "--backends", backends,
