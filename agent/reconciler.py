@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from agent import process
 from agent.guest_panic import PANIC_REASON, PanicScanner
 from agent.host_paths import HostPathPolicy
+from agent.network.guest import with_ip_args
 from agent.network.host import HostNetwork
 from agent.runtimes.base import (
     GuestNotReady,
@@ -295,6 +296,7 @@ class Reconciler:
         runnable = agent_pb2.DesiredVm()
         runnable.CopyFrom(desired)
         runnable.config.CopyFrom(await self.network.attach(vm_id, desired.config))
+        with_ip_args(runnable.config)
         self.nics[vm_id] = self.network.status(runnable.config)
         return runnable
 

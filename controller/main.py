@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from controller import config as config_module
 from controller.agent_hub import AgentHub
 from controller.api.host_service import HostService
+from controller.api.network_service import NetworkService
 from controller.api.operations import VmServiceSettings
 from controller.api.service import VmService
 from controller.auth import TokenInterceptor, load_tokens, server_credentials
@@ -23,19 +24,21 @@ from controller.fleet import Fleet
 from controller.health_http import HealthEndpoint
 from controller.leader import Leadership
 from controller.metrics import ControllerCollector
+from controller.networks import Networks
 from controller.reflection import enable_reflection
 from controller.store import Store
 from controller.telemetry import Telemetry, TracingInterceptor
 from controller.vm_cache import VmCache
 from vmm.agent.v1 import agent_pb2, agent_pb2_grpc
 from vmm.common.logs import setup_logging
-from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
+from vmm.v1 import host_pb2, host_pb2_grpc, network_pb2, network_pb2_grpc, vm_pb2, vm_pb2_grpc
 
 log = logging.getLogger("vmm.controller")
 
 SERVICE_NAMES = (
     vm_pb2.DESCRIPTOR.services_by_name["VmService"].full_name,
     host_pb2.DESCRIPTOR.services_by_name["HostService"].full_name,
+    network_pb2.DESCRIPTOR.services_by_name["NetworkService"].full_name,
     agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
 )
 
@@ -55,11 +58,13 @@ class Controller:
             max_concurrent_registrations=config.max_concurrent_registrations)
         self.fleet = Fleet(self.store, self.hub)
         self.hub.on_host_change = self.fleet.refresh
+        self.networks = Networks(self.store)
         self.vms = VmService(self.store, self.cache, self.hub, self.fleet, self.telemetry,
                              VmServiceSettings(
                                  operation_timeout=config.operation_timeout,
                                  reserve_hotplug_maximum=config.reserve_hotplug_maximum,
-                                 backend_preference=tuple(config.backend_preference)))
+                                 backend_preference=tuple(config.backend_preference)),
+                             self.networks)
         self.leadership = Leadership(
             self.store, self.fleet, config.identity or f"{socket.gethostname()}:{config.listen}",
             forget_after=config.forget_deleted_after)
@@ -89,9 +94,13 @@ class Controller:
         await self.etcd.connect()
         await self.cache.start()
         await self.fleet.start()
+        await self.networks.start()
         await self.hub.start()
         vm_pb2_grpc.add_VmServiceServicer_to_server(self.vms, self.server)
-        host_pb2_grpc.add_HostServiceServicer_to_server(HostService(self.fleet), self.server)
+        host_pb2_grpc.add_HostServiceServicer_to_server(
+            HostService(self.fleet, self.networks), self.server)
+        network_pb2_grpc.add_NetworkServiceServicer_to_server(
+            NetworkService(self.networks, self.fleet), self.server)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self.hub, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
@@ -138,6 +147,7 @@ class Controller:
         await self.http.stop()
         await self.hub.stop()
         await self.fleet.stop()
+        await self.networks.stop()
         await self.cache.stop()
         await self.etcd.close()
         self.telemetry.shutdown()

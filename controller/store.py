@@ -4,6 +4,9 @@ Keys (under a configurable prefix, "/vmm/" by default):
     vms/<vm_id>          VmRecord: desired state, placement, last observed status
     hosts/<host_id>      HostRecord: what the agent registered
     allocations/<host>   Allocation: resources held by the VMs placed on the host
+    networks/<name>      a fleet network (controller.networks)
+    addresses/<net>/<ip> the NIC holding a fleet network's address (controller.networks);
+                         deleted with its VM
     alive/<host_id>      empty value on the lease of the controller replica the host's agent
                          is connected to (one lease per replica); present while connected
 
@@ -65,12 +68,21 @@ class Store:
         self.host_prefix = self.prefix + "hosts/"
         self.alloc_prefix = self.prefix + "allocations/"
         self.alive_prefix = self.prefix + "alive/"
+        self.address_prefix = self.prefix + "addresses/"
 
     def vm_key(self, vm_id: str) -> str:
         return self.vm_prefix + vm_id
 
     def alloc_key(self, host_id: str) -> str:
         return self.alloc_prefix + host_id
+
+    def address_key(self, network: str, ip: str) -> str:
+        return f"{self.address_prefix}{network}/{ip}"
+
+    def address_keys(self, record: records_pb2.VmRecord) -> list[str]:
+        """The address keys the VM's NICs hold (see controller.networks)."""
+        return [self.address_key(nic.network, nic.ip_address.split("/")[0])
+                for nic in record.config.network if nic.network and nic.ip_address]
 
     # ---- VMs ----------------------------------------------------------------------
 
@@ -167,7 +179,8 @@ class Store:
             result = await self.etcd.txn(
                 compares=[Compare.mod_revision(key) == current.revision,
                           Compare.mod_revision(alloc_key) == alloc.revision],
-                success=[Op.delete(key), Op.put(alloc_key, released.SerializeToString())],
+                success=[Op.delete(key), Op.put(alloc_key, released.SerializeToString()),
+                         *(Op.delete(k) for k in self.address_keys(rec))],
                 failure=[],
             )
             if result.succeeded:

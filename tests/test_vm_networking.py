@@ -8,12 +8,18 @@ the agent's id) never meet another run's; the fixtures remove what a failed test
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import shutil
 import signal
+import socket
+import struct
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -23,8 +29,13 @@ from pyroute2 import IPRoute
 from agent.network import links
 from agent.network.names import TAP_PREFIX, parse_alias, tap_alias, tap_name
 from tools.fleet.cluster import GIB, Cluster, wait_until
-from tools.guests.images import TinyGuest
-from vmm.v1 import vm_pb2
+from tools.guests.images import (
+    LINUX_GUEST_NET_MARKER,
+    LINUX_GUEST_PING_MARKER,
+    LinuxGuest,
+    TinyGuest,
+)
+from vmm.v1 import network_pb2, network_pb2_grpc, vm_pb2
 
 pytestmark = pytest.mark.qemu
 
@@ -37,21 +48,10 @@ def needs_root() -> None:
         pytest.skip("needs root and /dev/net/tun to make bridges and TAP devices")
 
 
-@pytest.fixture
-def make_bridge() -> Iterator[Callable[..., str]]:
-    """Bridges named for this test alone, removed afterwards with whatever is on them."""
-    needs_root()
-    made: list[str] = []
-
-    def make(mtu: int = 0) -> str:
-        name = f"vtb{secrets.token_hex(5)}"
-        links.ensure_bridge(name, mtu)
-        made.append(name)
-        return name
-
-    yield make
-    for name in made:
-        links.remove_link(name)
+def make_bridge(mtu: int = 0) -> str:
+    name = f"vtb{secrets.token_hex(5)}"
+    links.ensure_bridge(name, mtu)
+    return name
 
 
 def own_taps(host_id: str) -> set[str]:
@@ -59,21 +59,58 @@ def own_taps(host_id: str) -> set[str]:
             if parse_alias(alias).get("owner") == host_id}
 
 
-@pytest.fixture
-def net_cluster(qemu_binary: str) -> Iterator[tuple[Cluster, str]]:
-    """etcd, the controller and one QEMU agent whose host id is unique to this test."""
+def free_test_subnet() -> ipaddress.IPv4Network:
+    """A /24 of 10.213.0.0/16 that no route of this host covers."""
+    with IPRoute() as ip:
+        routed = [ipaddress.IPv4Network(f"{r.get('RTA_DST')}/{r['dst_len']}")
+                  for r in ip.get_routes(family=socket.AF_INET) if r.get("RTA_DST")]
+    while True:
+        subnet = ipaddress.IPv4Network(f"10.213.{secrets.randbelow(256)}.0/24")
+        if not any(subnet.overlaps(r) for r in routed):
+            return subnet
+
+
+@dataclass
+class NetHost:
+    """One QEMU agent on bridges made for this module, one of them with a fleet network
+    and the host's address on it."""
+
+    cluster: Cluster
+    host_id: str
+    mgmt: str
+    data: str
+    network: network_pb2.Network
+
+
+@pytest.fixture(scope="module")
+def net_host(qemu_binary: str) -> Iterator[NetHost]:
+    """Bridges first (the agent reports those its host has when it registers), then etcd,
+    the controller and the agent. Everything it made goes, however the tests ended."""
     needs_root()
     host_id = f"net-{secrets.token_hex(4)}"
     workdir = Path(tempfile.mkdtemp(prefix="vmm-net-"))
-    cluster = Cluster(workdir, operation_timeout=30)
+    cluster = Cluster(workdir, operation_timeout=90)
+    bridges: list[str] = []
     try:
+        bridges += [make_bridge(), make_bridge(mtu=9000), make_bridge()]
+        subnet = free_test_subnet()
+        gateway = str(next(subnet.hosts()))
+        with IPRoute() as ip:
+            ip.addr("add", index=ip.link_lookup(ifname=bridges[2])[0], address=gateway,
+                    prefixlen=subnet.prefixlen)
         cluster.start()
         cluster.add_agent(host_id, vcpus=4, memory=4 * GIB, backends="qemu")
-        yield cluster, host_id
+        network = network_pb2.Network(name=f"n{secrets.token_hex(4)}", bridge=bridges[2],
+                                      cidr=str(subnet), gateway=gateway)
+        network_pb2_grpc.NetworkServiceStub(cluster.channel).CreateNetwork(
+            network_pb2.CreateNetworkRequest(network=network))
+        yield NetHost(cluster, host_id, bridges[0], bridges[1], network)
     finally:
         cluster.close()
         for tap in own_taps(host_id):
             links.remove_link(tap)
+        for bridge in bridges:
+            links.remove_link(bridge)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -130,10 +167,8 @@ def tap_index(tap: str) -> int:
 
 
 def test_two_nics_get_taps_on_their_bridges_while_the_vm_runs_and_none_after_delete(
-        net_cluster: tuple[Cluster, str], tiny: TinyGuest, kvm: None,
-        make_bridge: Callable[..., str]) -> None:
-    cluster, host_id = net_cluster
-    mgmt, data = make_bridge(), make_bridge(mtu=9000)
+        net_host: NetHost, tiny: TinyGuest, kvm: None) -> None:
+    cluster, host_id, mgmt, data = net_host.cluster, net_host.host_id, net_host.mgmt, net_host.data
     config = tiny_config(
         tiny,
         vm_pb2.NetworkInterface(id="eth0", tap_device=mgmt),
@@ -171,10 +206,8 @@ def test_two_nics_get_taps_on_their_bridges_while_the_vm_runs_and_none_after_del
 
 
 def test_an_existing_tap_is_used_as_it_is_and_kept(
-        net_cluster: tuple[Cluster, str], tiny: TinyGuest, kvm: None,
-        make_bridge: Callable[..., str]) -> None:
-    cluster, _ = net_cluster
-    bridge = make_bridge()
+        net_host: NetHost, tiny: TinyGuest, kvm: None) -> None:
+    cluster, bridge = net_host.cluster, net_host.mgmt
     mine = f"vtt{secrets.token_hex(5)}"
     links.ensure_tap(links.TapSpec(name=mine, bridge=bridge))
     try:
@@ -189,11 +222,94 @@ def test_an_existing_tap_is_used_as_it_is_and_kept(
         links.remove_link(mine)
 
 
+# ---- fleet networks and real guests ---------------------------------------------------------
+
+
+def icmp_echo(address: str, timeout: float) -> bool:
+    """One ICMP echo request from the host; True when the address answers in time."""
+    ident, payload = secrets.randbelow(0xFFFF), b"vmm-net-test"
+
+    def checksum(data: bytes) -> int:
+        total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+        total = (total >> 16) + (total & 0xFFFF)
+        return ~(total + (total >> 16)) & 0xFFFF
+
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+    packet = struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, 1) + payload
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(packet, (address, 0))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data, (source, _) = sock.recvfrom(2048)
+            except TimeoutError:
+                return False
+            icmp = data[(data[0] & 0x0F) * 4:]
+            if source == address and icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
+                return True
+    return False
+
+
+def linux_on(linux: LinuxGuest, network: str, kernel_args: str = "") -> vm_pb2.VmConfig:
+    return vm_pb2.VmConfig(
+        cpu=vm_pb2.CpuConfig(vcpu_count=1),
+        memory=vm_pb2.MemoryConfig(size_bytes=256 * MIB),
+        boot=vm_pb2.BootConfig(kernel_path=str(linux.bzimage), initrd_path=str(linux.initramfs),
+                               kernel_args=f"{linux.cmdline} {kernel_args}".strip(),
+                               boot_options={"ready_marker": linux.marker}),
+        network=[vm_pb2.NetworkInterface(id="eth0", network=network)])
+
+
+def console(cluster: Cluster, vm_id: str) -> str:
+    return cluster.vms.GetConsoleLog(vm_pb2.GetConsoleLogRequest(vm_id=vm_id)).text
+
+
+def test_linux_guests_get_addresses_answer_the_host_and_reach_each_other(
+        net_host: NetHost, linux: LinuxGuest) -> None:
+    cluster, network = net_host.cluster, net_host.network
+
+    def create(vm_id: str, kernel_args: str = "") -> str:
+        cluster.vms.CreateVm(vm_pb2.CreateVmRequest(
+            vm_id=vm_id, config=linux_on(linux, network.name, kernel_args), backend="qemu"))
+        stored = cluster.vms.GetVmInfo(vm_pb2.GetVmInfoRequest(vm_id=vm_id)).config
+        return stored.network[0].ip_address.split("/")[0]
+
+    # The controller hands out the addresses at create, so the second guest can be told
+    # the first one's before either boots; both boot at once.
+    first_address = create("web-1")
+    second_address = create("web-2", f"vmm.ping={first_address}")
+    with ThreadPoolExecutor(2) as pool:
+        booted = list(pool.map(lambda vm_id: cluster.vms.BootVm(
+            vm_pb2.BootVmRequest(vm_id=vm_id)).state, ["web-1", "web-2"]))
+    assert booted == [S.VM_STATE_RUNNING, S.VM_STATE_RUNNING]
+
+    subnet = ipaddress.IPv4Network(network.cidr)
+    nics = {vm_id: nics_of(cluster, vm_id)["eth0"] for vm_id in ("web-1", "web-2")}
+    for vm_id, address in (("web-1", first_address), ("web-2", second_address)):
+        nic = nics[vm_id]
+        assert nic.ip_address == f"{address}/{subnet.prefixlen}" and nic.network == network.name
+        assert ipaddress.IPv4Address(address) in subnet and address != network.gateway
+        assert master_of(nic.tap_device) == network.bridge
+        assert f"{LINUX_GUEST_NET_MARKER} eth0 {address} {subnet.netmask}" in console(
+            cluster, vm_id)
+        # The host reaches each guest through the bridge it has its address on.
+        assert any(icmp_echo(address, 2.0) for _ in range(5)), console(cluster, vm_id)
+    assert first_address != second_address
+    wait_until(lambda: f"{LINUX_GUEST_PING_MARKER} {first_address}" in console(
+        cluster, "web-2"), 60, what="web-2 to reach web-1")
+
+    for vm_id in ("web-1", "web-2"):
+        delete_and_wait_gone(cluster, vm_id)
+    assert all(links.link_kind(nic.tap_device) is None for nic in nics.values())
+    described = network_pb2_grpc.NetworkServiceStub(cluster.channel).GetNetwork(
+        network_pb2.GetNetworkRequest(name=network.name)).network
+    assert described.allocated_addresses == 0 and described.host_count == 1
+
+
 def test_crashed_agent_and_hypervisor_leave_no_tap_and_orphans_go_at_start(
-        net_cluster: tuple[Cluster, str], tiny: TinyGuest, kvm: None,
-        make_bridge: Callable[..., str]) -> None:
-    cluster, host_id = net_cluster
-    bridge = make_bridge()
+        net_host: NetHost, tiny: TinyGuest, kvm: None) -> None:
+    cluster, host_id, bridge = net_host.cluster, net_host.host_id, net_host.mgmt
     create_and_boot(cluster, "crashy", tiny_config(
         tiny, vm_pb2.NetworkInterface(id="eth0", tap_device=bridge)))
     tap = nics_of(cluster, "crashy")["eth0"].tap_device

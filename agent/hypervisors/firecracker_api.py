@@ -9,6 +9,7 @@ and resets omitted optional ones to their defaults.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -195,6 +196,14 @@ class FirecrackerApi:
 
     async def put_network_interface(self, nic: NetworkInterface) -> None:
         await self._call("PUT", f"/network-interfaces/{nic.iface_id}", nic.to_json())
+
+    async def put_mmds_config(self, iface_ids: Sequence[str]) -> None:
+        """Serve MMDS (version 2, session tokens) to the guest on these interfaces."""
+        await self._call("PUT", "/mmds/config",
+                         {"version": "V2", "network_interfaces": list(iface_ids)})
+
+    async def put_mmds(self, data: dict[str, Any]) -> None:
+        await self._call("PUT", "/mmds", data)
 
     # ---- actions and state changes ------------------------------------------------------
 

@@ -35,9 +35,11 @@ class NicPlan:
 def multi_queue(nic: vm_pb2.NetworkInterface) -> bool:
     """Whether the hypervisor will open the TAP with several queues (IFF_MULTI_QUEUE must
     match between the device and every open of it)."""
-    for key in ("queues", "num_queues"):
+    # QEMU's "queues" counts queue pairs; Cloud Hypervisor's "num_queues" counts rx and tx
+    # queues apart, two per pair.
+    for key, per_pair in (("queues", 1), ("num_queues", 2)):
         value = nic.options.get(key, "")
-        if value.isdigit() and int(value) > 1:
+        if value.isdigit() and int(value) > per_pair:
             return True
     return False
 

@@ -41,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from agent import process
 from agent.hypervisors.clients import METRICS_TIMEOUT, ClientCache
@@ -162,6 +163,9 @@ class FirecrackerConfig:
     boot: BootSource
     drives: tuple[Drive, ...]
     nics: tuple[NetworkInterface, ...]
+    # What the guest reads from MMDS (each NIC's address), served on the NICs that have one.
+    mmds: dict[str, Any] | None = None
+    mmds_interfaces: tuple[str, ...] = ()
 
 
 def drive_ids(storage: Sequence[vm_pb2.StorageDevice]) -> list[str]:
@@ -257,7 +261,20 @@ def translate(config: vm_pb2.VmConfig) -> FirecrackerConfig:
                              tx_rate_limiter=_rate_limiter(nic.options))
             for nic, iface_id in zip(config.network, nic_ids(config.network), strict=True)
         ),
+        **_mmds(config),
     )
+
+
+def _mmds(config: vm_pb2.VmConfig) -> dict[str, Any]:
+    """The MMDS document telling the guest its NICs' addresses (none without any)."""
+    nics = [(iface_id, nic) for nic, iface_id in zip(config.network, nic_ids(config.network),
+                                                     strict=True) if nic.ip_address]
+    if not nics:
+        return {}
+    return {"mmds_interfaces": tuple(i for i, _ in nics), "mmds": {"vmm": {"network_interfaces": [
+        {"id": iface_id, "mac_address": nic.mac_address, "ip_address": nic.ip_address,
+         "gateway": nic.gateway, "mtu": nic.mtu, "network": nic.network}
+        for iface_id, nic in nics]}}}
 
 
 def _variant(value: str | None) -> str | None:
@@ -609,6 +626,9 @@ class FirecrackerRuntime(Runtime):
                     await api.put_drive(drive)
                 for nic in config.nics:
                     await api.put_network_interface(nic)
+                if config.mmds is not None:
+                    await api.put_mmds_config(config.mmds_interfaces)
+                    await api.put_mmds(config.mmds)
         except BaseException:
             # A half-configured process is of no use: leave nothing behind.
             await process.kill(ref)

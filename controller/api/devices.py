@@ -16,6 +16,7 @@ from controller.errors import (
     invalid,
     invalid_field,
 )
+from controller.networks import Networks
 from vmm.agent.v1 import agent_pb2
 from vmm.store.v1 import records_pb2
 from vmm.v1 import vm_pb2
@@ -50,6 +51,7 @@ class DeviceRpcs:
     """VmService mixin: changes the agent applies to a running VM in place."""
 
     ops: VmOperations
+    networks: Networks
 
     async def _hotplug(self, vm_id: str, feature_key: str,
                        request: agent_pb2.HotplugRequest,
@@ -164,12 +166,28 @@ class DeviceRpcs:
         record = self.ops.get(request.vm_id).record
         check_new_device(validation.check_network, record.config.network, request.interface,
                          "config.network", "interface", "interface")
+        nic = vm_pb2.NetworkInterface()
+        nic.CopyFrom(request.interface)
+        if nic.network:
+            network = self.networks.get(nic.network)
+            host = self.ops.fleet.index.get(record.host_id)
+            if network is not None and host is not None and network.bridge not in host.bridges:
+                raise failed_precondition(f"host {record.host_id} of vm {record.vm_id} has no "
+                                          f"bridge {network.bridge} for network {nic.network}")
+            violation = await self.networks.attach_nic(record.vm_id, nic, nic.id,
+                                                       "interface.network")
+            if violation:
+                raise invalid([violation])
 
         def update(r: records_pb2.VmRecord) -> None:
-            r.config.network.append(request.interface)
+            r.config.network.append(nic)
 
-        state = await self._hotplug(request.vm_id, "network.hotplug",
-                                    agent_pb2.HotplugRequest(attach_nic=request.interface), update)
+        try:
+            state = await self._hotplug(request.vm_id, "network.hotplug",
+                                        agent_pb2.HotplugRequest(attach_nic=nic), update)
+        except BaseException:
+            await self.networks.release([nic])
+            raise
         return vm_pb2.AttachNetworkInterfaceResponse(success=True, state=state)
 
     @api_method
@@ -177,7 +195,8 @@ class DeviceRpcs:
                                      context: grpc.aio.ServicerContext
                                      ) -> vm_pb2.DetachNetworkInterfaceResponse:
         record = self.ops.get(request.vm_id).record
-        if not any(n.id == request.interface_id for n in record.config.network):
+        detached = [n for n in record.config.network if n.id == request.interface_id]
+        if not detached:
             raise ApiError(grpc.StatusCode.NOT_FOUND,
                            f"vm {request.vm_id} has no network interface {request.interface_id!r}")
 
@@ -187,4 +206,5 @@ class DeviceRpcs:
         state = await self._hotplug(request.vm_id, "network.hotplug",
                                     agent_pb2.HotplugRequest(detach_nic=request.interface_id),
                                     update)
+        await self.networks.release(detached)
         return vm_pb2.DetachNetworkInterfaceResponse(success=True, state=state)

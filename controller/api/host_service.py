@@ -8,13 +8,23 @@ from controller.api.operations import api_method
 from controller.api.paging import fill_page, page_size, page_token, token_after
 from controller.errors import ApiError, invalid_field
 from controller.fleet import Fleet
+from controller.networks import Networks
 from vmm import features
 from vmm.v1 import host_pb2, host_pb2_grpc
 
 
 class HostService(host_pb2_grpc.HostServiceServicer):
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, networks: Networks | None = None) -> None:
         self.fleet = fleet
+        self.networks = networks
+
+    def _with_networks(self, host: host_pb2.Host) -> host_pb2.Host:
+        """Name the fleet networks whose bridge the host has."""
+        if self.networks is not None:
+            bridges = set(host.bridges)
+            host.networks.extend(sorted(n.name for n in self.networks.networks.values()
+                                        if n.bridge in bridges))
+        return host
 
     @api_method
     async def ListHosts(self, request: host_pb2.ListHostsRequest,
@@ -27,7 +37,7 @@ class HostService(host_pb2_grpc.HostServiceServicer):
             for host in hosts:
                 for backend in host.backends:
                     backend.ClearField("capabilities")
-        page, more = fill_page(hosts, size)
+        page, more = fill_page((self._with_networks(h) for h in hosts), size)
         token = page_token("host", page[-1].host_id) if more else ""
         return host_pb2.ListHostsResponse(hosts=page, next_page_token=token, total_count=total)
 
@@ -39,7 +49,7 @@ class HostService(host_pb2_grpc.HostServiceServicer):
         host = self.fleet.get_host(request.host_id)
         if host is None:
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"host {request.host_id!r} not found")
-        return host_pb2.GetHostResponse(host=host)
+        return host_pb2.GetHostResponse(host=self._with_networks(host))
 
     @api_method
     async def GetBackendCapabilities(

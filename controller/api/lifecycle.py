@@ -17,6 +17,7 @@ from controller.errors import (
     invalid_field,
     not_found,
 )
+from controller.networks import Networks
 from controller.placement import Placer
 from vmm import features
 from vmm.store.v1 import records_pb2
@@ -34,6 +35,7 @@ class LifecycleRpcs:
 
     ops: VmOperations
     placer: Placer
+    networks: Networks
 
     @api_method
     async def CreateVm(self, request: vm_pb2.CreateVmRequest,
@@ -55,7 +57,18 @@ class LifecycleRpcs:
         if self.ops.cache.get(vm_id):
             raise ApiError(grpc.StatusCode.ALREADY_EXISTS, f"vm {vm_id!r} already exists")
 
-        stored = await self.placer.place_and_store(vm_id, request)
+        # NICs on fleet networks get their bridge, MTU and an address before placement (which
+        # looks for hosts with those bridges); a create that stores nothing gives them back.
+        placed = vm_pb2.CreateVmRequest()
+        placed.CopyFrom(request)
+        violations = await self.networks.attach(vm_id, placed.config)
+        if violations:
+            raise invalid(violations)
+        try:
+            stored = await self.placer.place_and_store(vm_id, placed)
+        except BaseException:
+            await self.networks.release(placed.config.network)
+            raise
         record = stored.record
         result = await self.ops.await_generation(record, self.ops.settings.operation_timeout)
         if result is not None and result.record.status.error \

@@ -12,6 +12,7 @@ from controller.api.migration import MigrationRpcs
 from controller.api.operations import VmOperations, VmServiceSettings
 from controller.api.reads import ReadRpcs
 from controller.fleet import Fleet
+from controller.networks import Networks
 from controller.placement import Placer
 from controller.store import Store
 from controller.telemetry import Telemetry
@@ -22,7 +23,9 @@ from vmm.v1 import vm_pb2_grpc
 class VmService(LifecycleRpcs, ReadRpcs, DeviceRpcs, MigrationRpcs, ConsoleRpcs,
                 vm_pb2_grpc.VmServiceServicer):
     def __init__(self, store: Store, cache: VmCache, hub: AgentHub, fleet: Fleet,
-                 telemetry: Telemetry, settings: VmServiceSettings | None = None) -> None:
+                 telemetry: Telemetry, settings: VmServiceSettings | None = None,
+                 networks: Networks | None = None) -> None:
         self.ops = VmOperations(store, cache, hub, fleet, telemetry,
                                 settings or VmServiceSettings())
+        self.networks = networks or Networks(store)
         self.placer = Placer(self.ops)

@@ -108,8 +108,10 @@ class HollowAgent:
     def __init__(self, host_id: str, size: HostSize, channel: grpc.aio.Channel, *,
                  token: str = "", cpu_overcommit: float = 1.0,
                  memory_overcommit: float = 1.0,
-                 connect_gate: asyncio.Semaphore | None = None) -> None:
+                 connect_gate: asyncio.Semaphore | None = None,
+                 bridges: Sequence[str] = ()) -> None:
         self.host_id = host_id
+        self.bridges = list(bridges)
         self.size = size
         self.channel = channel
         self.token = token
@@ -135,7 +137,7 @@ class HollowAgent:
             cpu_overcommit_ratio=self.cpu_overcommit,
             memory_overcommit_ratio=self.memory_overcommit,
             backends=hollow_backends(), vms=list(self.status.values()),
-            agent_version=HOLLOW_VERSION, labels={"hollow": "true"})
+            agent_version=HOLLOW_VERSION, labels={"hollow": "true"}, bridges=self.bridges)
 
     def _heartbeat_message(self) -> agent_pb2.ConnectRequest:
         used = sum(d.config.memory.size_bytes for _, d in self._running())
@@ -320,6 +322,8 @@ class HollowFleetConfig:
     agents_per_channel: int = 250
     # Streams being opened at once (a gate on registration, not on running streams).
     connect_concurrency: int = 200
+    # Bridges every host reports (the fleet networks it offers).
+    bridges: Sequence[str] = ()
 
 
 def _channel_options(index: int) -> list[tuple[str, int | str]]:
@@ -350,7 +354,8 @@ class HollowFleet:
             self.agents.append(HollowAgent(
                 host_id(cfg.prefix, index), sizes[(index - 1) % len(sizes)], self.channels[-1],
                 token=cfg.token, cpu_overcommit=cfg.cpu_overcommit,
-                memory_overcommit=cfg.memory_overcommit, connect_gate=gate))
+                memory_overcommit=cfg.memory_overcommit, connect_gate=gate,
+                bridges=cfg.bridges))
         self._tasks = [asyncio.create_task(a.run_forever(), name=f"hollow-{a.host_id}")
                        for a in self.agents]
 

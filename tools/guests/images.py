@@ -40,6 +40,10 @@ LINUX_GUEST_POWEROFF_MARKER = "VMM-GUEST-POWEROFF"
 # Printed once a second by the Linux guest, followed by a counter and what the guest
 # sees: "VMM-GUEST-HEARTBEAT 7 cpus=0-1 mem_kib=418308 disks=vda vdb".
 LINUX_GUEST_HEARTBEAT = "VMM-GUEST-HEARTBEAT"
+# Printed for each NIC the guest configured from its ip= argument, and when a peer named
+# by vmm.ping= answered.
+LINUX_GUEST_NET_MARKER = "VMM-GUEST-NET"
+LINUX_GUEST_PING_MARKER = "VMM-GUEST-PING"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -212,10 +216,43 @@ _INITTAB = """::sysinit:/etc/rc.ready
 """
 
 # acpid (logging to /var/log/acpid.log) runs the power button handler it finds at
-# <conf dir>/PWRF/00000080.
+# <conf dir>/PWRF/00000080. Each NIC is configured from its kernel `ip=` argument
+# (<client>::<gateway>:<netmask>::<device>:off) before the guest says it is ready.
 _RC_READY = f"""#!/bin/sh
 acpid -c /etc/acpi
+ifconfig lo 127.0.0.1 up
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        ip=*) /etc/net-up "${{arg#ip=}}" ;;
+        vmm.ping=*) /etc/ping-peer "${{arg#vmm.ping=}}" & ;;
+    esac
+done
 echo "{LINUX_GUEST_MARKER}"
+"""
+
+_NET_UP = f"""#!/bin/sh
+IFS=: read -r client server gateway netmask hostname device autoconf <<END
+$1
+END
+device=${{device:-eth0}}
+if ifconfig "$device" "$client" netmask "$netmask" up; then
+    [ -n "$gateway" ] && route add default gw "$gateway" dev "$device"
+    echo "{LINUX_GUEST_NET_MARKER} $device $client $netmask"
+else
+    echo "init: cannot configure $device"
+fi
+"""
+
+# vmm.ping=<address> on the command line: ping it until it answers and say so, so a test
+# sees one guest reach another on the console.
+_PING_PEER = f"""#!/bin/sh
+for _ in $(seq 60); do
+    if ping -c 1 -W 1 "$1" >/dev/null 2>&1; then
+        echo "{LINUX_GUEST_PING_MARKER} $1"
+        exit 0
+    fi
+done
+echo "{LINUX_GUEST_PING_MARKER}-FAILED $1"
 """
 
 # Once a second: bring hot-added vCPUs and memory online (no udev here to do it), then
@@ -254,6 +291,8 @@ fi
 _GUEST_SCRIPTS: dict[str, str] = {
     "init": _INIT,
     "etc/rc.ready": _RC_READY,
+    "etc/net-up": _NET_UP,
+    "etc/ping-peer": _PING_PEER,
     "etc/heartbeat": _HEARTBEAT,
     "etc/poweroff-guest": _POWEROFF,
     "etc/acpi/PWRF/00000080": _POWEROFF,
