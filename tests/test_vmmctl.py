@@ -58,6 +58,15 @@ LAMBDA_CONFIG = vm_pb2.VmConfig(
                                   is_root_device=True)],
 )
 
+# vm-1 as GetVmInfo shows it: a NIC on a fleet network, and what its host made of it.
+RUNNING_CONFIG = vm_pb2.VmConfig()
+RUNNING_CONFIG.CopyFrom(LAMBDA_CONFIG)
+RUNNING_CONFIG.network.add(id="eth0", network="web", bridge="br-web",
+                           ip_address="10.20.0.7/24", gateway="10.20.0.1")
+RUNNING_NICS = [vm_pb2.NetworkInterfaceStatus(
+    id="eth0", network="web", bridge="br-web", tap_device="vmm0a1b2c3d4e5f",
+    mac_address="02:5e:11:22:33:44", ip_address="10.20.0.7/24", managed=True)]
+
 FIRECRACKER_VCPU_LIMIT = 32
 PAGE_SIZE_DEFAULT = 2
 CONSOLE_CHUNKS = (b"booting\r\n", b"\x1b[1mready\x1b[0m\n", b"\xff\xfe raw\n")
@@ -128,7 +137,8 @@ class FakeVmService(vm_pb2_grpc.VmServiceServicer):
         if request.vm_id != "vm-1":
             context.abort(grpc.StatusCode.NOT_FOUND, f"vm {request.vm_id!r} not found")
         return vm_pb2.GetVmInfoResponse(
-            vm_id="vm-1", config=LAMBDA_CONFIG, state=vm_pb2.VM_STATE_RUNNING,
+            vm_id="vm-1", config=RUNNING_CONFIG, state=vm_pb2.VM_STATE_RUNNING,
+            network_interfaces=RUNNING_NICS,
             desired_state=vm_pb2.VM_STATE_RUNNING, state_reason="booted",
             placement=FLEET[0].placement, generation=3, observed_generation=3,
             created_timestamp=1_700_000_000,
@@ -479,6 +489,9 @@ def test_get_table_shows_reason_placement_metrics_and_backend_info(
                      "/var/lib/lambda/nodejs-runtime.ext4", "12.5%", "100MiB",
                      "/run/vmm/vm-1/api.sock"):
         assert expected in result.stdout
+    nic_row = next(line for line in result.stdout.splitlines() if line.startswith("eth0"))
+    assert nic_row.split() == ["eth0", "web", "10.20.0.7/24", "vmm0a1b2c3d4e5f",
+                               "02:5e:11:22:33:44", "-"]
 
 
 def test_list_table_shows_human_sizes(server: str, fake: FakeVmService) -> None:

@@ -2,13 +2,16 @@
 
 Starts a local etcd (data under var/etcd), the controller and one agent (state under
 var/agent) offering every backend this machine has, and prepares /var/lib/vmm/ for the
-example configs in deploy/examples/. Ctrl-C stops the VMs, the agent, the controller and
-etcd, in that order, and leaves nothing running.
+example configs in deploy/examples/. It also makes the fleet network "local": a bridge with
+this host's address on it (no NAT), so a guest on it gets an address and answers ping from
+the host. Ctrl-C stops the VMs, the agent, the controller and etcd, in that order, removes
+the bridge and leaves nothing running.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import signal
 import subprocess
 import sys
@@ -16,8 +19,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
+from pyroute2 import IPRoute
+
+from agent.network import links
 from tools.fleet.etcd_server import EtcdServer, EtcdServerError
 from tools.guests import images as guest_images
+from vmm.v1 import network_pb2, network_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 VAR = ROOT / "var"
@@ -58,6 +66,34 @@ def stable_guest_names(cache: Path) -> Path:
     return current
 
 
+LOCAL_NETWORK = "local"
+LOCAL_BRIDGE = "br-vmm-local"
+
+
+def make_local_bridge(subnet: ipaddress.IPv4Network) -> bool:
+    """The bridge of the local network, with the host's address (the subnet's first) on it;
+    True when this run made it (and so removes it)."""
+    made = links.ensure_bridge(LOCAL_BRIDGE)
+    gateway = str(next(subnet.hosts()))
+    with IPRoute() as ip:
+        index = ip.link_lookup(ifname=LOCAL_BRIDGE)[0]
+        if not any(a.get("IFA_ADDRESS") == gateway for a in ip.get_addr(index=index)):
+            ip.addr("add", index=index, address=gateway, prefixlen=subnet.prefixlen)
+    return made
+
+
+def define_local_network(address: str, subnet: ipaddress.IPv4Network) -> None:
+    network = network_pb2.Network(name=LOCAL_NETWORK, bridge=LOCAL_BRIDGE, cidr=str(subnet),
+                                  gateway=str(next(subnet.hosts())))
+    with grpc.insecure_channel(address) as channel:
+        try:
+            network_pb2_grpc.NetworkServiceStub(channel).CreateNetwork(
+                network_pb2.CreateNetworkRequest(network=network), timeout=10)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # kept in var/etcd from a last run
+                raise
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,7 +132,10 @@ def main() -> None:
     parser.add_argument("--etcd-port", type=int, default=23790)
     parser.add_argument("--listen", default="127.0.0.1:50051")
     parser.add_argument("--http-listen", default="127.0.0.1:8080")
+    parser.add_argument("--network-cidr", default="10.213.0.0/24",
+                        help="subnet of the local network; the host takes its first address")
     args = parser.parse_args()
+    subnet = ipaddress.IPv4Network(args.network_cidr)
     VAR.mkdir(exist_ok=True)
     guests = stable_guest_names(guest_images.default_cache_dir())
     prepare_example_files(guests)
@@ -104,7 +143,9 @@ def main() -> None:
     etcd = EtcdServer(VAR / "etcd", name="local", ports=(args.etcd_port, args.etcd_port + 1))
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     py = sys.executable
+    made_bridge = False
     try:
+        made_bridge = make_local_bridge(subnet)
         try:
             etcd.start()
         except EtcdServerError as exc:
@@ -114,6 +155,7 @@ def main() -> None:
                            "controller.log")
         procs.append(("controller", controller))
         wait_http(f"http://{args.http_listen}/_/health", 30, controller, "controller")
+        define_local_network(args.listen, subnet)
         agent = start([py, "-m", "agent.main", "--controller", args.listen,
                        "--state-dir", str(VAR / "agent"), "--stop-vms-on-exit", "true",
                        # The examples' files: /var/lib/vmm, whose guests link points into
@@ -125,6 +167,8 @@ def main() -> None:
         print(f"control plane running: gRPC {args.listen}, "
               f"health http://{args.http_listen}/_/health, etcd {etcd.endpoint}")
         print(f"logs: {VAR}/controller.log, {VAR}/agent.log, {etcd.log_path}")
+        print(f"network {LOCAL_NETWORK}: {subnet} on bridge {LOCAL_BRIDGE}, this host "
+              f"{next(subnet.hosts())}")
         print("in another shell:  . .venv/bin/activate; vmmctl hosts; "
               "vmmctl create -f deploy/examples/linux-guest.json")
         print("Ctrl-C stops everything")
@@ -144,6 +188,8 @@ def main() -> None:
         for name, p in reversed(procs):
             stop(p, 60 if name == "agent" else 10)
         etcd.stop()
+        if made_bridge:
+            links.remove_link(LOCAL_BRIDGE)
 
 
 if __name__ == "__main__":

@@ -237,7 +237,8 @@ def vm_detail(info: vm_pb2.GetVmInfoResponse, now: float | None = None) -> Rende
     if config.storage:
         parts += [Text("\nDisks", style="bold"), _disk_table(config.storage)]
     if config.network:
-        parts += [Text("\nNetwork interfaces", style="bold"), _nic_table(config.network)]
+        parts += [Text("\nNetwork interfaces", style="bold"),
+                  _nic_table(config.network, info.network_interfaces)]
     if config.metadata:
         parts += [Text("\nMetadata", style="bold"), _string_map(config.metadata)]
     if info.HasField("metrics"):
@@ -273,13 +274,22 @@ def _disk_table(disks: Iterable[vm_pb2.StorageDevice]) -> Table:
     return table
 
 
-def _nic_table(nics: Iterable[vm_pb2.NetworkInterface]) -> Table:
+def _nic_table(nics: Iterable[vm_pb2.NetworkInterface],
+               running: Iterable[vm_pb2.NetworkInterfaceStatus] = ()) -> Table:
+    """Each NIC as configured, with what its host reports of it (the TAP the agent made,
+    the MAC it derived) where it has."""
+    on_host = {nic.id: nic for nic in running}
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("ID", "TAP", "MAC", "INTERFACE"):
+    for column in ("ID", "NETWORK", "ADDRESS", "TAP", "MAC", "INTERFACE"):
         table.add_column(column)
-    for nic in nics:
-        table.add_row(_plain(nic.id or "-"), _plain(nic.tap_device or "-"),
-                      _plain(nic.mac_address or "-"), _plain(nic.interface_type or "-"))
+    for i, nic in enumerate(nics):
+        seen = on_host.get(nic.id or f"eth{i}")
+        network = nic.network or (seen.network if seen else "") or nic.bridge
+        tap = (seen.tap_device if seen else "") or nic.tap_device
+        mac = nic.mac_address or (seen.mac_address if seen else "")
+        table.add_row(_plain(nic.id or "-"), _plain(network or "-"),
+                      _plain(nic.ip_address or "-"), _plain(tap or "-"), _plain(mac or "-"),
+                      _plain(nic.interface_type or "-"))
     return table
 
 
