@@ -24,11 +24,13 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from controller.auth import current_caller
 from controller.etcd import EtcdError, EtcdUnavailable, LeaseNotFound
 from controller.liveness import HeartbeatPolicy, ReplicaLease
 from controller.store import Store, StoredVm, now
 from controller.telemetry import Telemetry
 from controller.vm_cache import VmCache, VmChange
+from controller.wire import undecodable
 from vmm.agent.v1 import agent_pb2, agent_pb2_grpc
 from vmm.common import failpoints
 from vmm.store.v1 import records_pb2
@@ -296,6 +298,9 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
 
     async def Connect(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         first = await context.read()
+        if undecodable(first):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the first message is not a valid ConnectRequest")
         if first is grpc.aio.EOF or not first.HasField("register"):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "the first message on the stream must be register")
@@ -303,6 +308,12 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         if not register.host_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register.host_id is required")
         host_id = register.host_id
+        caller = current_caller()
+        if caller.is_agent and caller.host_id != host_id:
+            log.warning("refused %s registering as host %s", caller.describe(), host_id)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"this credential speaks for host {caller.host_id} only, "
+                                f"not {host_id}")
         session = AgentSession(host_id, register)
         opened = False
         try:
@@ -440,6 +451,10 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         while True:
             message = await context.read()
             if message is grpc.aio.EOF:
+                return
+            if undecodable(message):
+                log.warning("host %s sent an undecodable message; closing its stream",
+                            session.host_id)
                 return
             kind = message.WhichOneof("message")
             if kind == "heartbeat":

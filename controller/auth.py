@@ -1,92 +1,200 @@
-"""Bearer-token authentication and TLS credentials for the controller's gRPC port.
+"""Who is calling, and may they: identities from tokens and certificates, one table of what
+each RPC needs, and the TLS credentials of the controller's ports.
 
-With tokens configured, every call except the health and reflection services must
-carry `authorization: Bearer <token>` metadata; agents present a token the same way.
-TLS is on when a certificate is configured; with a client CA too, callers must also
-present a certificate signed by it (mutual TLS, as agents do).
+A caller is an agent (bound to one host id) or an API client (a role and namespaces), named
+by a bearer token (`authorization: Bearer <token>`) or by a verified client certificate's
+SAN URI (`controller.access`). Agents may open only the agent stream; clients never may.
+Without an access file the controller is open: every caller is an admin of every namespace
+and may act as any host, except that a certificate naming a host still binds its holder to
+that host.
 """
 
 from __future__ import annotations
 
-import hmac
+import contextvars
+import logging
 from collections.abc import Awaitable, Callable, Iterable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from controller.access import OPEN_ACCESS, Access, Caller, Role
+from controller.wire import wrap_handler
+
+log = logging.getLogger(__name__)
+
 # Services anyone may call: probes and tooling that must work before credentials do.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def load_tokens(inline: Iterable[str], file: str) -> list[str]:
-    """Tokens from the config list and from a file with one token per line (# comments)."""
-    tokens = [t.strip() for t in inline if t.strip()]
-    if file:
-        for line in Path(file).read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                tokens.append(line)
-    return tokens
+class Permission(StrEnum):
+    READ = "read"            # see VMs and hosts
+    LIFECYCLE = "lifecycle"  # create, change and delete VMs
+    ADMIN = "admin"          # fleet operations
+    AGENT = "agent"          # speak for a host
 
 
-def server_credentials(cert_file: str, key_file: str,
-                       client_ca_file: str = "") -> grpc.ServerCredentials:
-    cert, key = Path(cert_file).read_bytes(), Path(key_file).read_bytes()
-    client_ca = Path(client_ca_file).read_bytes() if client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+_VM = "/vmm.v1.VmService/"
+_HOST = "/vmm.v1.HostService/"
+# What each RPC needs. A method missing here is refused to everyone but open access.
+RPC_PERMISSIONS: dict[str, Permission] = {
+    **{_VM + m: Permission.READ for m in (
+        "GetVmInfo", "ListVms", "WatchVms", "GetConsoleLog", "StreamConsole")},
+    **{_VM + m: Permission.LIFECYCLE for m in (
+        "CreateVm", "DeleteVm", "BootVm", "ShutdownVm", "PauseVm", "ResumeVm", "RebootVm",
+        "ResizeVm", "AttachDisk", "DetachDisk", "AttachNetworkInterface",
+        "DetachNetworkInterface")},
+    _VM + "MigrateVm": Permission.ADMIN,
+    **{_HOST + m: Permission.READ for m in ("ListHosts", "GetHost", "GetBackendCapabilities")},
+    "/vmm.agent.v1.AgentService/Connect": Permission.AGENT,
+}
+
+ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
+    Role.VIEWER: frozenset({Permission.READ}),
+    Role.OPERATOR: frozenset({Permission.READ, Permission.LIFECYCLE}),
+    Role.ADMIN: frozenset({Permission.READ, Permission.LIFECYCLE, Permission.ADMIN}),
+}
+
+_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller", default=OPEN_ACCESS)
 
 
-class TokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: list[str]) -> None:
-        self.tokens = [t.encode() for t in tokens]
+def current_caller() -> Caller:
+    """The caller of the RPC being served (set before its handler runs)."""
+    return _caller.get()
 
-    def _authorised(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                text = value.decode() if isinstance(value, bytes) else str(value)
-                scheme, _, token = text.partition(" ")
-                if scheme.lower() == "bearer":
-                    given = token.strip().encode()
-                    # Compare against every token in constant time.
-                    return any([hmac.compare_digest(given, t) for t in self.tokens])
-        return False
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def identify(access: Access | None, metadata: Iterable[tuple[str, Any]] | None,
+             peer_uris: Iterable[str]) -> Caller:
+    """The caller a token and a verified certificate's SAN URIs name; Refused if neither
+    names anyone the access file knows, or if they name two different callers."""
+    token = bearer_token(metadata)
+    if access is None:
+        certified = Access().for_certificate(peer_uris)
+        return certified or OPEN_ACCESS
+    by_certificate = access.for_certificate(peer_uris)
+    by_token = None
+    if token is not None:
+        by_token = access.for_token(token)
+        if by_token is None:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid")
+    if by_token and by_certificate and not _same(by_token, by_certificate):
+        raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                      f"the token ({by_token.describe()}) and the certificate "
+                      f"({by_certificate.describe()}) name different callers")
+    caller = by_token or by_certificate
+    if caller is None:
+        raise Refused(grpc.StatusCode.UNAUTHENTICATED,
+                      "needs an 'authorization: Bearer <token>' header with a valid token or "
+                      "a client certificate naming a known identity")
+    return caller
+
+
+def _same(a: Caller, b: Caller) -> bool:
+    return a.host_id == b.host_id if a.is_agent or b.is_agent else a.name == b.name
+
+
+def authorize(caller: Caller, method: str) -> None:
+    """Refused unless `caller` may call `method` at all (namespaces are checked later)."""
+    if caller is OPEN_ACCESS:
+        return
+    needed = RPC_PERMISSIONS.get(method)
+    if needed is None:
+        raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not open to any caller")
+    if needed is Permission.AGENT:
+        if not caller.is_agent:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{caller.describe()} is an API client: only an agent's credential "
+                          "opens the agent stream")
+        return
+    if caller.is_agent:
+        raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                      f"an agent's credential ({caller.describe()}) is not an API client")
+    if caller.role is None or needed not in ROLE_PERMISSIONS[caller.role]:
+        raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                      f"{method.rsplit('/', 1)[-1]} needs the {needed} permission; "
+                      f"{caller.describe()} has role {caller.role}")
+
+
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def peer_uris(context: grpc.aio.ServicerContext) -> list[str]:
+    """The SAN URIs of the caller's certificate, when TLS verified one."""
+    values = context.auth_context().get("peer_uri", [])
+    return [v.decode(errors="replace") for v in values]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Names the caller of every RPC and refuses what its credential does not allow."""
+
+    def __init__(self, access: Callable[[], Access | None]) -> None:
+        self.access = access
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if method.startswith(OPEN_SERVICES) or self._authorised(
-                handler_call_details.invocation_metadata):
-            return await continuation(handler_call_details)
-        return _deny(await continuation(handler_call_details), method)
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler
+
+        async def admit(context: grpc.aio.ServicerContext) -> None:
+            try:
+                caller = identify(self.access(), context.invocation_metadata(),
+                                  peer_uris(context))
+                authorize(caller, method)
+            except Refused as refused:
+                await context.abort(refused.code, refused.message)
+            _caller.set(caller)
+
+        return wrap_handler(handler, admit)
 
 
-def _deny(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler:
-    message = f"{method} needs an 'authorization: Bearer <token>' header with a valid token"
+def server_credentials(cert_file: str, key_file: str,
+                       client_ca_file: str = "") -> grpc.ServerCredentials:
+    """TLS with the given certificate (and, with a client CA, required client certificates);
+    the files are read again on a handshake after any of them changed."""
+    files = [Path(f) for f in (cert_file, key_file, client_ca_file) if f]
+    stamps: list[tuple[int, int] | None] = [None]
 
-    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    def stamp() -> tuple[int, int]:
+        stats = [f.stat() for f in files]
+        return max(s.st_mtime_ns for s in stats), sum(s.st_ino for s in stats)
 
-    async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - abort raises
+    def configuration() -> grpc.ServerCertificateConfiguration:
+        stamps[0] = stamp()
+        cert, key = Path(cert_file).read_bytes(), Path(key_file).read_bytes()
+        client_ca = Path(client_ca_file).read_bytes() if client_ca_file else None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], client_ca)
 
-    if handler is None or not (handler.request_streaming or handler.response_streaming):
-        return grpc.unary_unary_rpc_method_handler(
-            refuse, request_deserializer=handler.request_deserializer if handler else None,
-            response_serializer=handler.response_serializer if handler else None)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(
-            refuse_stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(
-            refuse_stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
-    return grpc.stream_unary_rpc_method_handler(
-        refuse, request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer)
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        try:
+            if stamp() == stamps[0]:
+                return None
+            config = configuration()
+        except OSError as exc:
+            log.error("TLS files not reloaded: %s", exc)
+            return None
+        log.info("TLS certificate %s reloaded", cert_file)
+        return config
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(), fetch, require_client_authentication=bool(client_ca_file))

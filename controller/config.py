@@ -41,13 +41,20 @@ class ControllerConfig:
     reserve_hotplug_maximum: bool = True
     backend_preference: list[str] = field(
         default_factory=lambda: ["firecracker", "cloud-hypervisor", "qemu"])
-    # Bearer tokens callers (and agents) must present; empty lists and file disable the check.
-    auth_tokens: list[str] = field(default_factory=list)
-    auth_tokens_file: str = ""
-    # TLS on the gRPC port when a certificate is given; with a client CA, mutual TLS.
+    # Agent and client credentials, roles and namespace quotas (TOML; see
+    # controller/access.py). Re-read when it changes and on SIGHUP. Empty: no access
+    # control (every caller is an admin and may speak for any host).
+    access_file: str = ""
+    # A second port for the agent stream only; empty serves agents on `listen`.
+    agent_listen: str = ""
+    # TLS on both ports when a certificate is given. Client CA: API clients on `listen`
+    # must present a certificate it signed. Agent CA: agents on `agent_listen` must.
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    tls_agent_ca_file: str = ""
+    # Largest request message accepted, in bytes (larger ones get RESOURCE_EXHAUSTED).
+    max_request_bytes: int = 1 << 20
     # OpenTelemetry exporter: none | console | otlp.
     telemetry_exporter: str = "none"
     log_level: str = "info"

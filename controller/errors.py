@@ -43,10 +43,18 @@ class ApiError(Exception):
         return rpc_status.to_status(status)
 
 
+# A request with thousands of bad fields hears of the first few: the error must stay small.
+MAX_VIOLATIONS = 10
+
+
 def invalid(violations: Sequence[Violation]) -> ApiError:
-    """INVALID_ARGUMENT naming every bad field."""
-    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(str(v) for v in violations),
-                    violations)
+    """INVALID_ARGUMENT naming the bad fields (the first MAX_VIOLATIONS of them)."""
+    listed = list(violations[:MAX_VIOLATIONS])
+    if len(violations) > MAX_VIOLATIONS:
+        rest = len(violations) - MAX_VIOLATIONS
+        listed.append(Violation(violations[MAX_VIOLATIONS].field,
+                                f"and {rest} more violation{'s' if rest > 1 else ''}"))
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(str(v) for v in listed), listed)
 
 
 def invalid_field(field: str, description: str) -> ApiError:

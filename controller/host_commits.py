@@ -4,20 +4,26 @@ A placement decided in memory waits here for its host's turn. While one transact
 host is in flight, later placements on that host queue up and go together in the next one,
 each checked against the allocation the previous one left. No decision waits for another
 host's commit, and the transaction's revision compare still guards against other replicas.
+A VM of a namespace with a quota is checked against the namespace's usage, read when its
+batch is committed and compared in the same transaction (controller.quotas).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
+from controller.access import Quota
 from controller.errors import ApiError
 from controller.fleet import Fleet
+from controller.quotas import counted_from_cache, over_quota, plus
 from controller.scheduler import Demand
-from controller.store import Store, StoredVm
+from controller.store import Store, StoredAllocation, StoredVm
+from controller.vm_cache import VmCache, namespace_of
 from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2
 
@@ -36,9 +42,12 @@ class _Pending:
 
 
 class HostCommits:
-    def __init__(self, store: Store, fleet: Fleet) -> None:
+    def __init__(self, store: Store, fleet: Fleet, cache: VmCache,
+                 quota_of: Callable[[str], Quota | None]) -> None:
         self.store = store
         self.fleet = fleet
+        self.cache = cache
+        self.quota_of = quota_of
         self._queues: dict[str, list[_Pending]] = {}
         self._flushing: dict[str, asyncio.Task[None]] = {}
 
@@ -66,7 +75,19 @@ class HostCommits:
             self._queues.pop(host_id, None)
             del self._flushing[host_id]
 
+    async def _usage(self, batch: list[_Pending]) -> dict[str, tuple[Quota, StoredAllocation]]:
+        """The quota and current usage of each namespace of the batch that has a quota."""
+        found: dict[str, tuple[Quota, StoredAllocation]] = {}
+        for namespace in {namespace_of(p.record) for p in batch}:
+            quota = self.quota_of(namespace)
+            if quota is not None:
+                usage = await self.store.get_usage(namespace)
+                found[namespace] = (quota, usage or counted_from_cache(self.cache, namespace))
+        return found
+
     async def _commit_batch(self, host_id: str, batch: list[_Pending]) -> None:
+        usage = await self._usage(batch)
+        running = {ns: stored.allocation for ns, (_, stored) in usage.items()}
         base = self.fleet.allocation(host_id)
         view = self.fleet.index.get(host_id)
         allocated = base.allocation.allocated
@@ -79,6 +100,15 @@ class HostCommits:
             if not fits:
                 pending.done.set_result(None)  # another replica's VMs took the room
                 continue
+            namespace = namespace_of(pending.record)
+            if namespace in usage:
+                reserved = pending.record.reserved
+                refusal = over_quota(namespace, usage[namespace][0], running[namespace],
+                                     reserved)
+                if refusal is not None:
+                    pending.done.set_exception(refusal)
+                    continue
+                running[namespace] = plus(running[namespace], reserved)
             vcpus += pending.demand.vcpus
             memory += pending.demand.memory
             taken.append(pending)
@@ -87,8 +117,10 @@ class HostCommits:
         new_allocation = records_pb2.Allocation(
             allocated=host_pb2.Resources(vcpus=vcpus, memory_bytes=memory),
             vm_count=base.allocation.vm_count + len(taken))
-        result = await self.store.create_vms(host_id, [p.record for p in taken], base,
-                                             new_allocation)
+        changed = {namespace_of(p.record) for p in taken} & set(usage)
+        result = await self.store.create_vms(
+            host_id, [p.record for p in taken], base, new_allocation,
+            {ns: (usage[ns][1], running[ns]) for ns in changed})
         self.fleet.note_allocation(host_id, result.allocation)
         for pending in taken:
             if result.created:

@@ -12,14 +12,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from controller import config as config_module
+from controller.access import Access, AccessFile, AccessFileError
 from controller.agent_hub import AgentHub
 from controller.api.host_service import HostService
 from controller.api.network_service import NetworkService
 from controller.api.operations import VmServiceSettings
 from controller.api.service import VmService
-from controller.auth import TokenInterceptor, load_tokens, server_credentials
+from controller.auth import AuthInterceptor, server_credentials
 from controller.config import ControllerConfig
-from controller.etcd import EtcdClient, EtcdUnavailable
+from controller.etcd import EtcdClient, EtcdError, EtcdUnavailable
 from controller.fleet import Fleet
 from controller.health_http import HealthEndpoint
 from controller.leader import Leadership
@@ -29,6 +30,7 @@ from controller.reflection import enable_reflection
 from controller.store import Store
 from controller.telemetry import Telemetry, TracingInterceptor
 from controller.vm_cache import VmCache
+from controller.wire import DecodeGuard
 from vmm.agent.v1 import agent_pb2, agent_pb2_grpc
 from vmm.common.logs import setup_logging
 from vmm.v1 import host_pb2, host_pb2_grpc, network_pb2, network_pb2_grpc, vm_pb2, vm_pb2_grpc
@@ -64,7 +66,7 @@ class Controller:
                                  operation_timeout=config.operation_timeout,
                                  reserve_hotplug_maximum=config.reserve_hotplug_maximum,
                                  backend_preference=tuple(config.backend_preference)),
-                             self.networks)
+                             self.networks, access=self._access)
         self.leadership = Leadership(
             self.store, self.fleet, config.identity or f"{socket.gethostname()}:{config.listen}",
             forget_after=config.forget_deleted_after)
@@ -73,17 +75,49 @@ class Controller:
             ControllerCollector.for_fleet(self.hub, self.cache, self.fleet))
         self.http = HealthEndpoint(self.etcd.status, self._backends,
                                    metrics=self.telemetry.registry)
+        try:
+            self.access = AccessFile(config.access_file) if config.access_file else None
+        except (OSError, AccessFileError) as exc:
+            raise SystemExit(f"cannot use access_file: {exc}") from None
+        if self.access is None:
+            log.warning("no access_file: every caller is an admin and may speak for any host")
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            TracingInterceptor(self.telemetry.tracer)] if self.telemetry.tracing else []
-        tokens = load_tokens(config.auth_tokens, config.auth_tokens_file)
-        if tokens:
-            interceptors.insert(0, TokenInterceptor(tokens))
+            DecodeGuard(), AuthInterceptor(self._access)]
+        if self.telemetry.tracing:
+            interceptors.append(TracingInterceptor(self.telemetry.tracer))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[("grpc.keepalive_time_ms", 10_000),
                      ("grpc.keepalive_permit_without_calls", 1),
-                     ("grpc.http2.min_ping_interval_without_data_ms", 5_000)])
+                     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                     ("grpc.max_receive_message_length", config.max_request_bytes)])
         self._alive_task: asyncio.Task[None] | None = None
+        self.agent_port = 0
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _access(self) -> Access | None:
+        return self.access.current if self.access else None
+
+    def _on_access_change(self, access: Access) -> None:
+        task = asyncio.create_task(self._forget_unlimited_usage(access), name="forget-usage")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _forget_unlimited_usage(self, access: Access) -> None:
+        """Stop counting the namespaces that no longer have a quota: should one get a quota
+        again, its usage is counted afresh from its VMs then."""
+        try:
+            for namespace in await self.store.counted_namespaces() - set(access.quotas):
+                await self.store.forget_usage(namespace)
+                log.info("namespace %s has no quota any more; its usage is not counted", namespace)
+        except EtcdError as exc:
+            log.warning("could not drop the usage records of namespaces without quota: %s", exc)
+
+    def _add_port(self, address: str, client_ca_file: str) -> int:
+        if not self.config.tls_cert_file:
+            return self.server.add_insecure_port(address)
+        return self.server.add_secure_port(address, server_credentials(
+            self.config.tls_cert_file, self.config.tls_key_file, client_ca_file))
 
     def _backends(self) -> list[str]:
         names = {b.name + (" (simulated)" if b.simulated else "")
@@ -104,12 +138,16 @@ class Controller:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self.hub, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
-        if self.config.tls_cert_file:
-            port = self.server.add_secure_port(self.config.listen, server_credentials(
-                self.config.tls_cert_file, self.config.tls_key_file,
-                self.config.tls_client_ca_file))
-        else:
-            port = self.server.add_insecure_port(self.config.listen)
+        port = self._add_port(self.config.listen, self.config.tls_client_ca_file)
+        if self.config.agent_listen:
+            self.agent_port = self._add_port(self.config.agent_listen,
+                                             self.config.tls_agent_ca_file)
+        elif self.config.tls_agent_ca_file:
+            raise SystemExit("tls_agent_ca_file needs agent_listen: the port agents use")
+        if self.access is not None:
+            await self._forget_unlimited_usage(self.access.current)
+            self.access.on_change = self._on_access_change
+            self.access.start()
         await self.server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -117,7 +155,8 @@ class Controller:
             await self.http.start(self.config.http_listen)
         self._alive_task = asyncio.create_task(self._watch_etcd_health())
         self.leadership.start()
-        log.info("controller listening on %s (etcd %s)", self.config.listen,
+        log.info("controller listening on %s%s (etcd %s)", self.config.listen,
+                 f", agents on {self.config.agent_listen}" if self.config.agent_listen else "",
                  ",".join(self.config.etcd_endpoints))
         return port
 
@@ -142,6 +181,8 @@ class Controller:
     async def stop(self) -> None:
         if self._alive_task:
             self._alive_task.cancel()
+        if self.access is not None:
+            await self.access.stop()
         await self.leadership.stop()
         await self.server.stop(grace=2.0)
         await self.http.stop()
@@ -160,6 +201,8 @@ async def serve(config: ControllerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if controller.access is not None:
+        loop.add_signal_handler(signal.SIGHUP, controller.access.reload, True)
     await stop.wait()
     log.info("controller stopping")
     with contextlib.suppress(Exception):

@@ -9,6 +9,7 @@ import time
 import grpc
 
 from controller import scheduler, validation
+from controller.access import DEFAULT_NAMESPACE
 from controller.api.operations import S, VmOperations, raise_for_reply
 from controller.errors import ApiError, failed_precondition, invalid
 from controller.host_commits import HostCommits
@@ -21,12 +22,13 @@ from vmm.v1 import host_pb2, vm_pb2
 log = logging.getLogger(__name__)
 
 
-def new_record(vm_id: str, config: vm_pb2.VmConfig,
-               choice: scheduler.Choice) -> records_pb2.VmRecord:
+def new_record(vm_id: str, config: vm_pb2.VmConfig, choice: scheduler.Choice,
+               namespace: str = DEFAULT_NAMESPACE) -> records_pb2.VmRecord:
     """The VM at generation 1, placed on the chosen host with its resources reserved."""
     ts = now()
     return records_pb2.VmRecord(
-        vm_id=vm_id, config=config, backend=choice.backend.name, host_id=choice.host.host_id,
+        vm_id=vm_id, namespace=namespace, config=config, backend=choice.backend.name,
+        host_id=choice.host.host_id,
         generation=1, desired_state=S.VM_STATE_CREATED, simulated=choice.backend.simulated,
         reserved=host_pb2.Resources(vcpus=choice.demand.vcpus,
                                     memory_bytes=choice.demand.memory),
@@ -46,7 +48,7 @@ class Placer:
 
     def __init__(self, ops: VmOperations) -> None:
         self.ops = ops
-        self.commits = HostCommits(ops.store, ops.fleet)
+        self.commits = HostCommits(ops.store, ops.fleet, ops.cache, ops.quota_of)
 
     async def place_and_store(self, vm_id: str, request: vm_pb2.CreateVmRequest) -> StoredVm:
         """Record the VM at generation 1 on the host chosen for it, its resources reserved."""
@@ -61,7 +63,9 @@ class Placer:
             fleet.index.reserve(host_id, demand)
             try:
                 await self._preflight(choice, vm_id, config)
-                stored = await self.commits.commit(new_record(vm_id, config, choice), demand)
+                record = new_record(vm_id, config, choice,
+                                    request.namespace or DEFAULT_NAMESPACE)
+                stored = await self.commits.commit(record, demand)
             except BaseException:
                 self.ops.telemetry.observe_placement(time.perf_counter() - started, "error")
                 raise

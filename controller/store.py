@@ -9,6 +9,8 @@ Keys (under a configurable prefix, "/vmm/" by default):
                          deleted with its VM
     alive/<host_id>      empty value on the lease of the controller replica the host's agent
                          is connected to (one lease per replica); present while connected
+    usage/<namespace>    Allocation: resources held by the VMs of a namespace with a quota;
+                         creates there compare it, deletes give back to it
 
 Every write that can race compares a revision: nothing is last-writer-wins by accident.
 """
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from controller.access import DEFAULT_NAMESPACE
 from controller.etcd import Compare, EtcdClient, GetResult, KeyValue, Op
 from vmm.common import failpoints
 from vmm.store.v1 import records_pb2
@@ -54,10 +57,22 @@ class CreateResult:
     allocation: StoredAllocation
     # When not created: the VMs that exist already.
     existing: set[str] = field(default_factory=set)
+    # When not created: whether a namespace's usage changed since it was read.
+    usage_changed: bool = False
 
 
 def now() -> int:
     return int(time.time())
+
+
+def released(held: records_pb2.Allocation,
+             reserved: host_pb2.Resources) -> records_pb2.Allocation:
+    """An allocation (or usage) after one VM holding `reserved` is gone."""
+    return records_pb2.Allocation(
+        allocated=host_pb2.Resources(
+            vcpus=max(0, held.allocated.vcpus - reserved.vcpus),
+            memory_bytes=max(0, held.allocated.memory_bytes - reserved.memory_bytes)),
+        vm_count=max(0, held.vm_count - 1))
 
 
 class Store:
@@ -69,6 +84,7 @@ class Store:
         self.alloc_prefix = self.prefix + "allocations/"
         self.alive_prefix = self.prefix + "alive/"
         self.address_prefix = self.prefix + "addresses/"
+        self.usage_prefix = self.prefix + "usage/"
 
     def vm_key(self, vm_id: str) -> str:
         return self.vm_prefix + vm_id
@@ -100,18 +116,28 @@ class Store:
 
     async def create_vms(self, host_id: str, records: list[records_pb2.VmRecord],
                          allocation: StoredAllocation,
-                         new_allocation: records_pb2.Allocation) -> CreateResult:
+                         new_allocation: records_pb2.Allocation,
+                         usage: dict[str, tuple[StoredAllocation, records_pb2.Allocation]]
+                         | None = None) -> CreateResult:
         """Store new VMs on one host and the host's new allocation atomically, if none of the
-        VMs exists yet and the allocation is still the one the decisions were made on."""
+        VMs exists yet and the allocation is still the one the decisions were made on; with
+        `usage`, also each namespace's new usage, if it is still the one read."""
         alloc_key = self.alloc_key(host_id)
         vm_keys = [self.vm_key(r.vm_id) for r in records]
+        usage = usage or {}
+        usage_keys = {self.usage_key(ns): pair for ns, pair in usage.items()}
         result = await self.etcd.txn(
             compares=[Compare.mod_revision(alloc_key) == allocation.revision,
-                      *(Compare.create_revision(key) == 0 for key in vm_keys)],
+                      *(Compare.create_revision(key) == 0 for key in vm_keys),
+                      *(Compare.mod_revision(key) == old.revision
+                        for key, (old, _) in usage_keys.items())],
             success=[Op.put(alloc_key, new_allocation.SerializeToString()),
                      *(Op.put(key, r.SerializeToString()) for key, r in zip(vm_keys, records,
-                                                                           strict=True))],
-            failure=[Op.get(alloc_key), *(Op.get(key) for key in vm_keys)],
+                                                                           strict=True)),
+                     *(Op.put(key, new.SerializeToString())
+                       for key, (_, new) in usage_keys.items())],
+            failure=[Op.get(alloc_key), *(Op.get(key) for key in vm_keys),
+                     *(Op.get(key) for key in usage_keys)],
         )
         if result.succeeded:
             return CreateResult(True, result.revision,
@@ -119,12 +145,18 @@ class Store:
         found = [r.kvs[0] if isinstance(r, GetResult) and r.kvs else None
                  for r in result.responses]
         current = found[0]
+        usage_found = found[1 + len(vm_keys):]
+        usage_changed = any((kv.mod_revision if kv else 0) != old.revision
+                            for kv, (old, _) in zip(usage_found, usage_keys.values(),
+                                                    strict=True))
         return CreateResult(
             False, result.revision,
             StoredAllocation(records_pb2.Allocation.FromString(current.value),
                              current.mod_revision) if current else StoredAllocation(
                 records_pb2.Allocation(allocated=host_pb2.Resources()), 0),
-            existing={r.vm_id for r, kv in zip(records, found[1:], strict=True) if kv})
+            existing={r.vm_id for r, kv in zip(records, found[1:1 + len(vm_keys)], strict=True)
+                      if kv},
+            usage_changed=usage_changed)
 
     async def mutate_vm(self, vm_id: str,
                         change: Callable[[records_pb2.VmRecord], bool | None],
@@ -168,25 +200,46 @@ class Store:
                 return False
             rec = current.record
             alloc = await self.get_allocation(rec.host_id)
-            released = records_pb2.Allocation(
-                allocated=host_pb2.Resources(
-                    vcpus=max(0, alloc.allocation.allocated.vcpus - rec.reserved.vcpus),
-                    memory_bytes=max(0, alloc.allocation.allocated.memory_bytes
-                                     - rec.reserved.memory_bytes)),
-                vm_count=max(0, alloc.allocation.vm_count - 1),
-            )
+            usage_key = self.usage_key(rec.namespace or DEFAULT_NAMESPACE)
+            usage = await self.get_usage(rec.namespace or DEFAULT_NAMESPACE)
             key, alloc_key = self.vm_key(vm_id), self.alloc_key(rec.host_id)
+            ops = [Op.delete(key), Op.put(alloc_key, released(alloc.allocation, rec.reserved)
+                                          .SerializeToString()),
+                   *(Op.delete(k) for k in self.address_keys(rec))]
+            if usage is not None:
+                ops.append(Op.put(usage_key, released(usage.allocation, rec.reserved)
+                                  .SerializeToString()))
             result = await self.etcd.txn(
                 compares=[Compare.mod_revision(key) == current.revision,
-                          Compare.mod_revision(alloc_key) == alloc.revision],
-                success=[Op.delete(key), Op.put(alloc_key, released.SerializeToString()),
-                         *(Op.delete(k) for k in self.address_keys(rec))],
-                failure=[],
+                          Compare.mod_revision(alloc_key) == alloc.revision,
+                          # A namespace's usage, when it has one, gives the VM back too.
+                          Compare.mod_revision(usage_key) == (usage.revision if usage else 0)],
+                success=ops, failure=[],
             )
             if result.succeeded:
                 failpoints.hit("controller.vm.deleted", vm_id)
                 return True
         raise ConflictError(f"deleting vm {vm_id!r} kept racing other writers")
+
+    # ---- namespace usage -----------------------------------------------------------
+
+    def usage_key(self, namespace: str) -> str:
+        return self.usage_prefix + namespace
+
+    async def get_usage(self, namespace: str) -> StoredAllocation | None:
+        """What the VMs of a namespace with a quota hold; None when it is not counted."""
+        kv = await self.etcd.get(self.usage_key(namespace))
+        if kv is None:
+            return None
+        return StoredAllocation(records_pb2.Allocation.FromString(kv.value), kv.mod_revision)
+
+    async def counted_namespaces(self) -> set[str]:
+        kvs, _ = await self.etcd.get_prefix(self.usage_prefix)
+        return {kv.key.removeprefix(self.usage_prefix) for kv in kvs}
+
+    async def forget_usage(self, namespace: str) -> None:
+        """Stop counting a namespace (its quota was removed)."""
+        await self.etcd.delete(self.usage_key(namespace))
 
     # ---- hosts and allocations ----------------------------------------------------
 

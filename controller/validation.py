@@ -10,15 +10,37 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
 from controller.errors import Violation
 from vmm import features
 from vmm.v1 import host_pb2, vm_pb2
 
 MIB = 1024 * 1024
-VM_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
-DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Patterns are matched against the whole string (re.fullmatch): no trailing newline.
+VM_ID_PATTERN = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")
+NAMESPACE_PATTERN = VM_ID_PATTERN
+DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ID_RULE = "must be 1-64 letters, digits, '_' or '-'"
-MAC_PATTERN = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+MAC_PATTERN = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+# Bounds on a request, so that a VM's record stays far below etcd's request limit and a
+# listing page below a client's receive limit.
+MAX_STRING_BYTES = 4096          # any string field of a config (a path, kernel_args, ...)
+MAX_PATH_COMPONENT = 255         # what Linux allows for one file name
+MAX_DEVICES = 64                 # disks, and network interfaces, per VM
+MAX_MAP_ENTRIES = 64             # entries of any map (metadata, options, ...)
+MAX_MAP_KEY_BYTES = 128
+MAX_METADATA_BYTES = 64 * 1024   # all of config.metadata's keys and values together
+MAX_LOOKUP_ID = 256              # longest id worth looking up (longer ones cannot exist)
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """A value for an error message: quoted, and cut short when long."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def human_bytes(n: int) -> str:
@@ -33,15 +55,95 @@ def human_bytes(n: int) -> str:
 def check_vm_id(vm_id: str, field_path: str = "vm_id") -> list[Violation]:
     if not vm_id:
         return [Violation(field_path, "is required")]
-    if not VM_ID_PATTERN.match(vm_id):
-        return [Violation(field_path, f"{vm_id!r} must be 1-63 lowercase letters, digits, '.', '_' "
-                          "or '-', starting and ending with a letter or digit")]
+    if not VM_ID_PATTERN.fullmatch(vm_id):
+        return [Violation(field_path, f"{shown(vm_id)} must be 1-63 lowercase letters, digits, "
+                          "'.', '_' or '-', starting and ending with a letter or digit")]
+    return []
+
+
+def check_vm_id_lookup(vm_id: str, field_path: str = "vm_id") -> list[Violation]:
+    """An id to look a VM up by: required and of a sane length (records made before the
+    current id rules keep their ids, so the pattern is not applied)."""
+    if not vm_id:
+        return [Violation(field_path, "is required")]
+    if len(vm_id) > MAX_LOOKUP_ID:
+        return [Violation(field_path, f"{shown(vm_id)} is longer than any VM id")]
+    return []
+
+
+def check_namespace(namespace: str, field_path: str = "namespace") -> list[Violation]:
+    if not NAMESPACE_PATTERN.fullmatch(namespace):
+        return [Violation(field_path, f"{shown(namespace)} must be 1-63 lowercase letters, "
+                          "digits, '.', '_' or '-', starting and ending with a letter or digit")]
+    return []
+
+
+def check_bounds(message: Message, prefix: str) -> list[Violation]:
+    """Size limits on every field of a config, whatever the field: string lengths, map
+    entries, repeated messages. Values are not looked at otherwise."""
+    out: list[Violation] = []
+    for fd, value in message.ListFields():
+        path = f"{prefix}.{fd.name}"
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            # Metadata values are bounded by the metadata total instead.
+            out.extend(_check_map(value, path, MAX_METADATA_BYTES if fd.name == "metadata"
+                                  else MAX_STRING_BYTES))
+        elif fd.is_repeated:
+            if fd.type == FieldDescriptor.TYPE_MESSAGE and len(value) > MAX_DEVICES:
+                out.append(Violation(path, f"{len(value)} entries exceed the limit of "
+                                     f"{MAX_DEVICES}"))
+                continue
+            for i, item in enumerate(value):
+                if fd.type == FieldDescriptor.TYPE_MESSAGE:
+                    out.extend(check_bounds(item, f"{path}[{i}]"))
+                elif isinstance(item, str) and len(item.encode()) > MAX_STRING_BYTES:
+                    out.append(Violation(f"{path}[{i}]", _too_long(item)))
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+            out.extend(check_bounds(value, path))
+        elif isinstance(value, str | bytes) and len(value) > MAX_STRING_BYTES:
+            out.append(Violation(path, _too_long(value)))
+    return out
+
+
+def _too_long(value: str | bytes) -> str:
+    size = len(value.encode()) if isinstance(value, str) else len(value)
+    return f"is {size} bytes long; the limit is {MAX_STRING_BYTES}"
+
+
+def _check_map(entries: dict[str, str], path: str, max_value: int) -> list[Violation]:
+    if len(entries) > MAX_MAP_ENTRIES:
+        return [Violation(path, f"{len(entries)} entries exceed the limit of {MAX_MAP_ENTRIES}")]
+    out: list[Violation] = []
+    for key, value in entries.items():
+        if not key or len(key.encode()) > MAX_MAP_KEY_BYTES:
+            out.append(Violation(path, f"key {shown(key)} must be 1-{MAX_MAP_KEY_BYTES} bytes"))
+        if isinstance(value, str) and len(value.encode()) > max_value:
+            out.append(Violation(f"{path}[{shown(key)}]",
+                                 f"is {len(value.encode())} bytes long; the limit is {max_value}"))
+    return out
+
+
+def check_path(path: str, field_path: str) -> list[Violation]:
+    """An absolute host path of sane length (what the agent's path policy then judges)."""
+    if not path.startswith("/"):
+        return [Violation(field_path, f"{shown(path)} must be an absolute path")]
+    if "\x00" in path:
+        return [Violation(field_path, "must not contain a NUL character")]
+    if any(len(part.encode()) > MAX_PATH_COMPONENT for part in path.split("/")):
+        return [Violation(field_path, f"{shown(path)} has a component longer than "
+                          f"{MAX_PATH_COMPONENT} bytes")]
     return []
 
 
 def check_config(config: vm_pb2.VmConfig, prefix: str = "config") -> list[Violation]:
     """Backend-independent checks of a VM configuration."""
-    out: list[Violation] = []
+    out = check_bounds(config, prefix)
+    metadata_bytes = sum(len(k.encode()) + len(v.encode()) for k, v in config.metadata.items())
+    if metadata_bytes > MAX_METADATA_BYTES:
+        out.append(Violation(f"{prefix}.metadata", f"is {metadata_bytes} bytes in all; the "
+                             f"limit is {MAX_METADATA_BYTES}"))
+    if out:
+        return out  # the rest would only repeat oversized values
 
     def bad(path: str, description: str) -> None:
         out.append(Violation(f"{prefix}.{path}", description))
@@ -81,10 +183,10 @@ def check_config(config: vm_pb2.VmConfig, prefix: str = "config") -> list[Violat
         bad("boot", "is required")
     elif not config.boot.kernel_path:
         bad("boot.kernel_path", "is required")
-    elif not config.boot.kernel_path.startswith("/"):
-        bad("boot.kernel_path", f"{config.boot.kernel_path!r} must be an absolute path")
-    if config.boot.initrd_path and not config.boot.initrd_path.startswith("/"):
-        bad("boot.initrd_path", f"{config.boot.initrd_path!r} must be an absolute path")
+    else:
+        out.extend(check_path(config.boot.kernel_path, f"{prefix}.boot.kernel_path"))
+    if config.boot.initrd_path:
+        out.extend(check_path(config.boot.initrd_path, f"{prefix}.boot.initrd_path"))
     out.extend(check_storage(config.storage, f"{prefix}.storage"))
     out.extend(check_network(config.network, f"{prefix}.network"))
     return out
@@ -113,12 +215,12 @@ def check_storage(disks: Iterable[vm_pb2.StorageDevice], prefix: str) -> list[Vi
 
 def check_disk(disk: vm_pb2.StorageDevice, prefix: str) -> list[Violation]:
     out: list[Violation] = []
-    if disk.id and not DEVICE_ID_PATTERN.match(disk.id):
-        out.append(Violation(f"{prefix}.id", f"{disk.id!r} {ID_RULE}"))
+    if disk.id and not DEVICE_ID_PATTERN.fullmatch(disk.id):
+        out.append(Violation(f"{prefix}.id", f"{shown(disk.id)} {ID_RULE}"))
     if not disk.path:
         out.append(Violation(f"{prefix}.path", "is required"))
-    elif not disk.path.startswith("/"):
-        out.append(Violation(f"{prefix}.path", f"{disk.path!r} must be an absolute path"))
+    else:
+        out.extend(check_path(disk.path, f"{prefix}.path"))
     return out
 
 
@@ -138,13 +240,13 @@ def check_network(nics: Iterable[vm_pb2.NetworkInterface], prefix: str) -> list[
 
 def check_nic(nic: vm_pb2.NetworkInterface, prefix: str) -> list[Violation]:
     out: list[Violation] = []
-    if nic.id and not DEVICE_ID_PATTERN.match(nic.id):
-        out.append(Violation(f"{prefix}.id", f"{nic.id!r} {ID_RULE}"))
+    if nic.id and not DEVICE_ID_PATTERN.fullmatch(nic.id):
+        out.append(Violation(f"{prefix}.id", f"{shown(nic.id)} {ID_RULE}"))
     if nic.mac_address:
-        if not MAC_PATTERN.match(nic.mac_address):
+        if not MAC_PATTERN.fullmatch(nic.mac_address):
             out.append(Violation(
                 f"{prefix}.mac_address",
-                f"{nic.mac_address!r} is not a MAC address like 52:54:00:12:34:56"))
+                f"{shown(nic.mac_address)} is not a MAC address like 52:54:00:12:34:56"))
         elif int(nic.mac_address[:2], 16) & 1:
             out.append(Violation(
                 f"{prefix}.mac_address",
@@ -156,7 +258,8 @@ def check_nic(nic: vm_pb2.NetworkInterface, prefix: str) -> list[Violation]:
         out.append(Violation(f"{prefix}.tap_device", "is required (or a network)"))
     elif len(nic.tap_device) > 15:
         out.append(Violation(f"{prefix}.tap_device",
-                             f"{nic.tap_device!r} is longer than the 15 characters Linux allows"))
+                             f"{shown(nic.tap_device)} is longer than the 15 characters Linux "
+                             "allows"))
     return out
 
 

@@ -19,8 +19,10 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+from controller.access import DEFAULT_NAMESPACE
 from controller.etcd import EventType, WatchCompacted
 from controller.store import Store, StoredVm
+from vmm.store.v1 import records_pb2
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class VmCache:
         self.vms: dict[str, StoredVm] = {}
         # host id -> ids of the VMs in `vms` placed on it, kept current with `vms`.
         self.by_host: dict[str, set[str]] = {}
+        # namespace -> ids of the VMs in `vms` of that namespace, kept current with `vms`.
+        self.by_namespace: dict[str, set[str]] = {}
         # The ids of `vms` in order, for paged listings.
         self.sorted_ids: list[str] = []
         # Each VM as the watch last delivered it: what a change is a change *from*.
@@ -152,14 +156,9 @@ class VmCache:
             bisect.insort(self.sorted_ids, vm_id)
         elif old is not None and stored is None:
             del self.sorted_ids[bisect.bisect_left(self.sorted_ids, vm_id)]
-        if old_host == new_host:
-            return
-        if old_host is not None and (ids := self.by_host.get(old_host)) is not None:
-            ids.discard(vm_id)
-            if not ids:
-                del self.by_host[old_host]
-        if new_host is not None:
-            self.by_host.setdefault(new_host, set()).add(vm_id)
+        _move(self.by_host, vm_id, old_host, new_host)
+        _move(self.by_namespace, vm_id, namespace_of(old.record) if old else None,
+              namespace_of(stored.record) if stored else None)
 
     def get(self, vm_id: str) -> StoredVm | None:
         return self.vms.get(vm_id)
@@ -169,6 +168,10 @@ class VmCache:
         ids = self.sorted_ids
         for i in range(bisect.bisect_right(ids, vm_id), len(ids)):
             yield self.vms[ids[i]]
+
+    def in_namespace(self, namespace: str) -> list[StoredVm]:
+        """The cached records of one namespace's VMs: O(its VMs)."""
+        return [self.vms[vm_id] for vm_id in self.by_namespace.get(namespace, ())]
 
     def on_host(self, host_id: str) -> list[StoredVm]:
         """The cached records of the VMs placed on one host: O(its VMs), not O(all VMs)."""
@@ -202,3 +205,19 @@ class VmCache:
             if not waiters and self._waiters.get(vm_id) is waiters:
                 del self._waiters[vm_id]
         return self.vms.get(vm_id)
+
+
+def namespace_of(record: records_pb2.VmRecord) -> str:
+    return record.namespace or DEFAULT_NAMESPACE
+
+
+def _move(index: dict[str, set[str]], vm_id: str, old: str | None, new: str | None) -> None:
+    """Keep a key -> VM ids index in step with one VM's change of key."""
+    if old == new:
+        return
+    if old is not None and (ids := index.get(old)) is not None:
+        ids.discard(vm_id)
+        if not ids:
+            del index[old]
+    if new is not None:
+        index.setdefault(new, set()).add(vm_id)

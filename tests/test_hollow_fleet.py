@@ -218,19 +218,27 @@ async def test_two_replicas_place_concurrent_creates_without_losing_capacity(
                 await eventually(agrees, 10, f"HostService allocations on {address}")
 
 
-async def test_hollow_hosts_present_the_agent_token(cluster: Cluster) -> None:
-    cluster.restart_controller_with(["--auth-tokens", "hollow-secret"])
-    with_token = HollowFleet(HollowFleetConfig(controller=cluster.address, hosts=3,
-                                               token="hollow-secret"))
+async def test_hollow_hosts_present_their_agent_tokens(cluster: Cluster) -> None:
+    hosts = ["hollow-00001", "hollow-00002", "hollow-00003"]
+    access = cluster.workdir / "access.toml"
+    access.write_text("".join(f'[[agents]]\nhost_id = "{h}"\ntoken = "secret-{h}"\n\n'
+                              for h in hosts)
+                      + '[[clients]]\nname = "ops"\nrole = "viewer"\ntoken = "ops-secret"\n')
+    cluster.restart_controller_with(["--access-file", str(access)])
+    with_tokens = HollowFleet(HollowFleetConfig(controller=cluster.address, hosts=3,
+                                                host_tokens={h: f"secret-{h}" for h in hosts}))
     without = HollowFleet(HollowFleetConfig(controller=cluster.address, hosts=2,
                                             prefix="tokenless-"))
-    async with with_token, without:
-        await with_token.wait_connected(30)
-        await asyncio.sleep(1.0)  # the tokenless ones keep retrying, refused each time
+    # The client's token is no agent's credential.
+    client_token = HollowFleet(HollowFleetConfig(controller=cluster.address, hosts=1,
+                                                 prefix="client-", token="ops-secret"))
+    async with with_tokens, without, client_token:
+        await with_tokens.wait_connected(30)
+        await asyncio.sleep(1.0)  # the others keep retrying, refused each time
         assert without.connected_count() == 0
+        assert client_token.connected_count() == 0
         async with grpc.aio.insecure_channel(cluster.address) as channel:
             stub = host_pb2_grpc.HostServiceStub(channel)
-            metadata = (("authorization", "Bearer hollow-secret"),)
+            metadata = (("authorization", "Bearer ops-secret"),)
             listed = await stub.ListHosts(host_pb2.ListHostsRequest(), metadata=metadata)
-        assert sorted(h.host_id for h in listed.hosts) == [
-            "hollow-00001", "hollow-00002", "hollow-00003"]
+        assert sorted(h.host_id for h in listed.hosts) == hosts

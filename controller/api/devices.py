@@ -29,6 +29,10 @@ def check_new_device(check: Callable[[list[Device], str], list[Violation]],
                      noun: str) -> None:
     """Validate a device to hot-add as if it were appended to the VM's config at list_path
     (ids stay unique, one root disk), naming the request's own field in errors."""
+    if bounds := validation.check_bounds(device, field):
+        raise invalid(bounds)
+    if len(existing) >= validation.MAX_DEVICES:
+        raise invalid([Violation(field, f"the VM has {len(existing)} already, the limit")])
     prefix = f"{list_path}[{len(existing)}]"
     devices = list(existing)
     devices.append(device)
@@ -150,7 +154,8 @@ class DeviceRpcs:
         record = self.ops.get(request.vm_id).record
         if not any(d.id == request.device_id for d in record.config.storage):
             raise ApiError(grpc.StatusCode.NOT_FOUND,
-                           f"vm {request.vm_id} has no disk {request.device_id!r}")
+                           f"vm {request.vm_id} has no disk "
+                           f"{validation.shown(request.device_id)}")
 
         def update(r: records_pb2.VmRecord) -> None:
             remove_by_id(r.config.storage, request.device_id)
@@ -198,7 +203,8 @@ class DeviceRpcs:
         detached = [n for n in record.config.network if n.id == request.interface_id]
         if not detached:
             raise ApiError(grpc.StatusCode.NOT_FOUND,
-                           f"vm {request.vm_id} has no network interface {request.interface_id!r}")
+                           f"vm {request.vm_id} has no network interface "
+                           f"{validation.shown(request.interface_id)}")
 
         def update(r: records_pb2.VmRecord) -> None:
             remove_by_id(r.config.network, request.interface_id)

@@ -7,7 +7,9 @@ import uuid
 import grpc
 
 from controller import validation
-from controller.api.operations import S, VmOperations, api_method, state_name
+from controller.access import DEFAULT_NAMESPACE
+from controller.api.operations import S, VmOperations, api_method, permission_denied, state_name
+from controller.auth import current_caller
 from controller.errors import (
     ApiError,
     Violation,
@@ -47,9 +49,18 @@ class LifecycleRpcs:
             violations += validation.check_config(request.config)
         if request.backend and request.backend not in features.BACKENDS:
             violations.append(Violation(
-                "backend", f"{request.backend!r} is not one of {', '.join(features.BACKENDS)}"))
+                "backend", f"{validation.shown(request.backend)} is not one of "
+                f"{', '.join(features.BACKENDS)}"))
+        if len(request.host_id) > validation.MAX_LOOKUP_ID:
+            violations.append(Violation("host_id", f"{validation.shown(request.host_id)} is "
+                                        "longer than any host id"))
+        namespace = request.namespace or DEFAULT_NAMESPACE
+        violations += validation.check_namespace(namespace)
         if violations:
             raise invalid(violations)
+        caller = current_caller()
+        if not caller.may_see(namespace):
+            raise permission_denied(caller, namespace)
         vm_id = request.vm_id or new_vm_id()
         # The cache answers the common case; a record it has not seen yet (another replica's,
         # written a moment ago) fails the create transaction's guard instead of costing every

@@ -11,21 +11,22 @@ from typing import Any, TypeVar
 import grpc
 
 from controller import validation
+from controller.access import ALL_NAMESPACES, DEFAULT_NAMESPACE, Access, Caller, Quota
 from controller.agent_hub import AgentHub, AgentSession
+from controller.auth import current_caller
 from controller.errors import (
     ApiError,
     Violation,
     code_from_name,
     failed_precondition,
     invalid,
-    invalid_field,
     not_found,
 )
-from controller.etcd import EtcdUnavailable
+from controller.etcd import EtcdError, EtcdUnavailable
 from controller.fleet import Fleet
 from controller.store import ConflictError, Store, StoredVm
 from controller.telemetry import Telemetry
-from controller.vm_cache import VmCache
+from controller.vm_cache import VmCache, namespace_of
 from vmm import features
 from vmm.agent.v1 import agent_pb2
 from vmm.common import failpoints
@@ -60,11 +61,24 @@ def api_method(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[
             await context.abort_with_status(err.to_status())
         except EtcdUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unreachable: {err}")
+        except EtcdError as err:
+            # Requests are bounded well below etcd's limits; should one still be refused
+            # (a size limit lowered on the etcd side), say so rather than INTERNAL/UNKNOWN.
+            code = (grpc.StatusCode.RESOURCE_EXHAUSTED
+                    if err.code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                    grpc.StatusCode.RESOURCE_EXHAUSTED)
+                    else grpc.StatusCode.UNAVAILABLE)
+            await context.abort(code, f"etcd refused the request: {err}")
         except ConflictError as err:
             await context.abort(grpc.StatusCode.ABORTED, str(err))
         raise AssertionError("unreachable")
 
     return wrapper
+
+
+def permission_denied(caller: Caller, namespace: str) -> ApiError:
+    return ApiError(grpc.StatusCode.PERMISSION_DENIED,
+                    f"{caller.describe()} may not use namespace {namespace!r}")
 
 
 def state_name(state: int) -> str:
@@ -84,21 +98,43 @@ class VmOperations:
     desired state and wait until the agent reports it."""
 
     def __init__(self, store: Store, cache: VmCache, hub: AgentHub, fleet: Fleet,
-                 telemetry: Telemetry, settings: VmServiceSettings) -> None:
+                 telemetry: Telemetry, settings: VmServiceSettings,
+                 access: Callable[[], Access | None] = lambda: None) -> None:
         self.store = store
         self.cache = cache
         self.hub = hub
         self.fleet = fleet
         self.telemetry = telemetry
         self.settings = settings
+        self.access = access
 
     def get(self, vm_id: str) -> StoredVm:
-        if not vm_id:
-            raise invalid_field("vm_id", "is required")
+        """The VM, if the caller may see its namespace: one of another namespace is
+        NOT_FOUND, exactly as if it did not exist."""
+        if violations := validation.check_vm_id_lookup(vm_id):
+            raise invalid(violations)
         stored = self.cache.get(vm_id)
-        if stored is None:
+        if stored is None or not current_caller().may_see(namespace_of(stored.record)):
             raise not_found(vm_id)
         return stored
+
+    def quota_of(self, namespace: str) -> Quota | None:
+        access = self.access()
+        return access.quotas.get(namespace) if access else None
+
+    @staticmethod
+    def readable(requested: str) -> Callable[[str], bool]:
+        """Which namespaces a listing shows: the one named ("default" when empty), or
+        with "*" every namespace the caller may read."""
+        caller = current_caller()
+        if requested == ALL_NAMESPACES:
+            return caller.may_see
+        namespace = requested or DEFAULT_NAMESPACE
+        if violations := validation.check_namespace(namespace):
+            raise invalid(violations)
+        if not caller.may_see(namespace):
+            raise permission_denied(caller, namespace)
+        return lambda candidate: candidate == namespace
 
     def current_state(self, record: records_pb2.VmRecord) -> vm_pb2.VmState.ValueType:
         if not self.fleet.host_connected(record.host_id):

@@ -8,6 +8,8 @@ import grpc
 
 from controller.api.operations import VmOperations, api_method
 from controller.api.paging import fill_page, page_size, page_token, token_after
+from controller.errors import ApiError
+from controller.vm_cache import namespace_of
 from vmm.store.v1 import records_pb2
 from vmm.v1 import vm_pb2
 
@@ -26,7 +28,7 @@ class ReadRpcs:
             modified_timestamp=record.modified_timestamp, metadata=record.config.metadata,
             placement=vm_pb2.Placement(host_id=record.host_id, backend=record.backend,
                                        simulated=record.simulated),
-            state_reason=self._reason(record))
+            state_reason=self._reason(record), namespace=namespace_of(record))
 
     def _reason(self, record: records_pb2.VmRecord) -> str:
         if not self.ops.fleet.host_connected(record.host_id):
@@ -48,7 +50,8 @@ class ReadRpcs:
             generation=record.generation, observed_generation=record.status.observed_generation,
             created_timestamp=record.created_timestamp,
             modified_timestamp=record.modified_timestamp,
-            network_interfaces=record.status.network_interfaces)
+            network_interfaces=record.status.network_interfaces,
+            namespace=namespace_of(record))
 
     @api_method
     async def ListVms(self, request: vm_pb2.ListVmsRequest,
@@ -56,13 +59,16 @@ class ReadRpcs:
         after = token_after("vm", request.page_token)
         size = page_size(request.page_size)
         wanted = set(request.state_filter)
+        shown = self.ops.readable(request.namespace)
         state = self.ops.current_state
-        # The total is counted over every cached VM in memory; the page itself starts at
-        # its place in the id order and reads no further than it needs.
-        total = sum(1 for s in self.ops.cache.vms.values() if not s.record.deleting
-                    and (not wanted or state(s.record) in wanted))
+        # The total is counted over the cached VMs of the namespaces shown, in memory; the
+        # page itself starts at its place in the id order and reads no further than it needs.
+        total = sum(1 for ns, ids in self.ops.cache.by_namespace.items() if shown(ns)
+                    for vm_id in ids
+                    if not (r := self.ops.cache.vms[vm_id].record).deleting
+                    and (not wanted or state(r) in wanted))
         infos = (info for info in (self.vm_info(s.record) for s in self.ops.cache.after(after)
-                                   if not s.record.deleting)
+                                   if not s.record.deleting and shown(namespace_of(s.record)))
                  if not wanted or info.state in wanted)
         page, more = fill_page(infos, size)
         token = page_token("vm", page[-1].vm_id) if more else ""
@@ -77,12 +83,18 @@ class ReadRpcs:
         first event carries its first real state. Writes that leave the state as it was
         (a new desired state, metrics, a reason) send nothing."""
         ids, states = set(request.vm_ids), set(request.state_filter)
+        try:
+            shown = self.ops.readable(request.namespace)
+        except ApiError as err:
+            await context.abort_with_status(err.to_status())
+            return
         # The last state this watch saw of each VM, sent or filtered out by state.
         seen: dict[str, vm_pb2.VmState.ValueType] = {}
 
         def event(info: vm_pb2.VmInfo, new_kind: vm_pb2.VmEventType.ValueType,
                   revision: int) -> vm_pb2.WatchVmsResponse | None:
-            if (ids and info.vm_id not in ids) or info.state == vm_pb2.VM_STATE_UNSPECIFIED:
+            if (ids and info.vm_id not in ids) or info.state == vm_pb2.VM_STATE_UNSPECIFIED \
+                    or not shown(info.namespace):
                 return None
             last = seen.get(info.vm_id)
             if last == info.state:

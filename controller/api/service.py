@@ -4,6 +4,9 @@ One servicer composed of one mixin per concern; they share a VmOperations and a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from controller.access import Access
 from controller.agent_hub import AgentHub
 from controller.api.console import ConsoleRpcs
 from controller.api.devices import DeviceRpcs
@@ -24,8 +27,9 @@ class VmService(LifecycleRpcs, ReadRpcs, DeviceRpcs, MigrationRpcs, ConsoleRpcs,
                 vm_pb2_grpc.VmServiceServicer):
     def __init__(self, store: Store, cache: VmCache, hub: AgentHub, fleet: Fleet,
                  telemetry: Telemetry, settings: VmServiceSettings | None = None,
-                 networks: Networks | None = None) -> None:
+                 networks: Networks | None = None,
+                 access: Callable[[], Access | None] = lambda: None) -> None:
         self.ops = VmOperations(store, cache, hub, fleet, telemetry,
-                                settings or VmServiceSettings())
+                                settings or VmServiceSettings(), access)
         self.networks = networks or Networks(store)
         self.placer = Placer(self.ops)

@@ -74,6 +74,31 @@ class Process:
             return ""
 
 
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a channel (plaintext too)."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(  # type: ignore[attr-defined, no-any-return]
+            metadata=[*(details.metadata or ()), self.header])
+
+    def intercept_unary_unary(self, continuation: Callable[..., object],
+                              client_call_details: grpc.ClientCallDetails,
+                              request: object) -> object:
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., object],
+                               client_call_details: grpc.ClientCallDetails,
+                               request: object) -> object:
+        return continuation(self._with_token(client_call_details), request)
+
+
+def channel_with_token(address: str, token: str) -> grpc.Channel:
+    return grpc.intercept_channel(grpc.insecure_channel(address), BearerToken(token))
+
+
 class Cluster:
     def __init__(self, workdir: Path, operation_timeout: float = 20.0) -> None:
         self.workdir = workdir
@@ -88,6 +113,8 @@ class Cluster:
         self.agents: dict[str, Process] = {}
         self.replicas: list[Process] = []
         self.channel: grpc.Channel | None = None
+        # With an access file: the admin token the cluster's own channel presents.
+        self.token = ""
 
     def _controller_process(self, name: str, address: str, extra: list[str]) -> Process:
         return Process(name, [
@@ -120,8 +147,10 @@ class Cluster:
     def start(self) -> None:
         self.etcd.start()
         self.start_controller()
-        self.channel = grpc.insecure_channel(self.address)
-        grpc.channel_ready_future(self.channel).result(timeout=20)
+        plain = grpc.insecure_channel(self.address)
+        grpc.channel_ready_future(plain).result(timeout=20)
+        self.channel = (grpc.intercept_channel(plain, BearerToken(self.token)) if self.token
+                        else plain)
 
     def start_controller(self) -> None:
         self.controller.start()

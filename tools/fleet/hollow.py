@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -317,6 +317,9 @@ class HollowFleetConfig:
     # Hosts cycle through these sizes.
     sizes: Sequence[HostSize] = field(default_factory=lambda: [DEFAULT_SIZE])
     token: str = ""
+    # Per-host agent tokens (an agent's credential speaks for one host); a host missing
+    # here presents `token`.
+    host_tokens: Mapping[str, str] = field(default_factory=dict)
     cpu_overcommit: float = 1.0
     memory_overcommit: float = 1.0
     agents_per_channel: int = 250
@@ -351,9 +354,10 @@ class HollowFleet:
                 self.channels.append(grpc.aio.insecure_channel(
                     cfg.controller, options=_channel_options(len(self.channels))))
             index = cfg.first_index + n
+            name = host_id(cfg.prefix, index)
             self.agents.append(HollowAgent(
-                host_id(cfg.prefix, index), sizes[(index - 1) % len(sizes)], self.channels[-1],
-                token=cfg.token, cpu_overcommit=cfg.cpu_overcommit,
+                name, sizes[(index - 1) % len(sizes)], self.channels[-1],
+                token=cfg.host_tokens.get(name, cfg.token), cpu_overcommit=cfg.cpu_overcommit,
                 memory_overcommit=cfg.memory_overcommit, connect_gate=gate,
                 bridges=cfg.bridges))
         self._tasks = [asyncio.create_task(a.run_forever(), name=f"hollow-{a.host_id}")

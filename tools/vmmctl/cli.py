@@ -26,6 +26,7 @@ from tools.vmmctl.exit_codes import (
     EXIT_SERVER_ERROR,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    usage_error,
 )
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_SERVER_ERROR", "EXIT_UNREACHABLE", "EXIT_USAGE", "app",
@@ -100,9 +101,25 @@ def _global_options(
         "--ca-cert", envvar="VMM_CA_CERT", show_default=False,
         help="PEM CA bundle; connects with TLS when given.",
     )] = None,
+    client_cert: Annotated[Path | None, typer.Option(
+        "--client-cert", envvar="VMM_CLIENT_CERT", show_default=False,
+        help="PEM client certificate to present over TLS (with --client-key).",
+    )] = None,
+    client_key: Annotated[Path | None, typer.Option(
+        "--client-key", envvar="VMM_CLIENT_KEY", show_default=False,
+        help="PEM private key of --client-cert.",
+    )] = None,
+    namespace: Annotated[str, typer.Option(
+        "--namespace", "-n", envvar="VMM_NAMESPACE",
+        help="Namespace to create VMs in and to list and watch; * lists every namespace "
+             "the credential may read.",
+    )] = "default",
 ) -> None:
+    if (client_cert is None) != (client_key is None):
+        usage_error("--client-cert and --client-key go together")
     ctx.obj = Settings(server=server, output=output, timeout=timeout, token=token or None,
-                       ca_cert=ca_cert)
+                       ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
+                       namespace=namespace)
 
 
 app.command()(vms.create)

@@ -44,6 +44,9 @@ class Settings:
     timeout: float
     token: str | None = field(default=None, repr=False)
     ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    namespace: str = "default"
 
     @property
     def json(self) -> bool:
@@ -68,13 +71,13 @@ class Controller:
 
     @staticmethod
     def _open_channel(settings: Settings) -> grpc.Channel:
-        if settings.ca_cert is None:
+        if settings.ca_cert is None and settings.client_cert is None:
             return grpc.insecure_channel(settings.server)
-        try:
-            root = settings.ca_cert.read_bytes()
-        except OSError as exc:
-            usage_error(f"cannot read CA certificate {settings.ca_cert}: {exc.strerror}")
-        return grpc.secure_channel(settings.server, grpc.ssl_channel_credentials(root))
+        root = _read(settings.ca_cert, "CA certificate")
+        cert = _read(settings.client_cert, "client certificate")
+        key = _read(settings.client_key, "client key")
+        return grpc.secure_channel(settings.server, grpc.ssl_channel_credentials(
+            root, private_key=key, certificate_chain=cert))
 
     def close(self) -> None:
         self.channel.close()
@@ -141,6 +144,15 @@ class Controller:
         finally:
             self.channel.unsubscribe(on_change)
         return connected.is_set()
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        usage_error(f"cannot read {what} {path}: {exc.strerror}")
 
 
 def status_detail_lines(call: grpc.Call) -> list[str]:

@@ -72,6 +72,8 @@ def create(
         request.backend = backend
     if host is not None:
         request.host_id = host
+    if not request.namespace:
+        request.namespace = settings(ctx).namespace
     ctl = controller(ctx)
     response = ctl.call(ctl.vms.CreateVm, request)
     for warning in response.warnings:
@@ -118,7 +120,8 @@ def list_vms(
 
     def fetch(token: str, size: int) -> paging.Page[vm_pb2.VmInfo]:
         response = ctl.call(ctl.vms.ListVms, vm_pb2.ListVmsRequest(
-            state_filter=states, page_size=size, page_token=token))
+            state_filter=states, page_size=size, page_token=token,
+            namespace=settings(ctx).namespace))
         return response.vms, response.next_page_token, response.total_count
 
     one_page = not all_pages and not limit and bool(page_size or page_token)
@@ -203,7 +206,8 @@ def watch(
     """Print VM changes as they happen, one line each, until Ctrl-C."""
     ctl = controller(ctx)
     request = vm_pb2.WatchVmsRequest(vm_ids=vm_ids or [],
-                                     state_filter=[s.to_proto() for s in state or ()])
+                                     state_filter=[s.to_proto() for s in state or ()],
+                                     namespace=settings(ctx).namespace)
     as_json = settings(ctx).json
     for event in ctl.stream(ctl.vms.WatchVms, request):
         if as_json:

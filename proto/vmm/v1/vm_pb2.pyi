@@ -529,6 +529,7 @@ class CreateVmRequest(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     HOST_ID_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     backend: _builtins.str
     """Additive: "firecracker", "cloud-hypervisor" or "qemu"; empty lets the
@@ -536,6 +537,8 @@ class CreateVmRequest(_message.Message):
     """
     host_id: _builtins.str
     """Additive: pin the VM to this host; empty lets the scheduler choose."""
+    namespace: _builtins.str
+    """Additive: the namespace the VM belongs to; empty means "default"."""
     @_builtins.property
     def config(self) -> Global___VmConfig: ...
     def __init__(
@@ -545,10 +548,11 @@ class CreateVmRequest(_message.Message):
         config: Global___VmConfig | None = ...,
         backend: _builtins.str = ...,
         host_id: _builtins.str = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "host_id", b"host_id", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "host_id", b"host_id", "namespace", b"namespace", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -897,6 +901,7 @@ class GetVmInfoResponse(_message.Message):
     CREATED_TIMESTAMP_FIELD_NUMBER: _builtins.int
     MODIFIED_TIMESTAMP_FIELD_NUMBER: _builtins.int
     NETWORK_INTERFACES_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     state: Global___VmState.ValueType
     state_reason: _builtins.str
@@ -906,6 +911,7 @@ class GetVmInfoResponse(_message.Message):
     observed_generation: _builtins.int
     created_timestamp: _builtins.int
     modified_timestamp: _builtins.int
+    namespace: _builtins.str
     @_builtins.property
     def config(self) -> Global___VmConfig: ...
     @_builtins.property
@@ -936,10 +942,11 @@ class GetVmInfoResponse(_message.Message):
         created_timestamp: _builtins.int = ...,
         modified_timestamp: _builtins.int = ...,
         network_interfaces: _abc.Iterable[Global___NetworkInterfaceStatus] | None = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "metrics", b"metrics", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_info", b"backend_info", "config", b"config", "created_timestamp", b"created_timestamp", "desired_state", b"desired_state", "generation", b"generation", "metrics", b"metrics", "modified_timestamp", b"modified_timestamp", "network_interfaces", b"network_interfaces", "observed_generation", b"observed_generation", "placement", b"placement", "state", b"state", "state_reason", b"state_reason", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_info", b"backend_info", "config", b"config", "created_timestamp", b"created_timestamp", "desired_state", b"desired_state", "generation", b"generation", "metrics", b"metrics", "modified_timestamp", b"modified_timestamp", "namespace", b"namespace", "network_interfaces", b"network_interfaces", "observed_generation", b"observed_generation", "placement", b"placement", "state", b"state", "state_reason", b"state_reason", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -952,8 +959,13 @@ class ListVmsRequest(_message.Message):
     STATE_FILTER_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     page_token: _builtins.str
+    namespace: _builtins.str
+    """Additive: list this namespace ("default" when empty); "*" lists every namespace the
+    caller may read.
+    """
     @_builtins.property
     def state_filter(self) -> _containers.RepeatedScalarFieldContainer[Global___VmState.ValueType]: ...
     def __init__(
@@ -962,10 +974,11 @@ class ListVmsRequest(_message.Message):
         state_filter: _abc.Iterable[Global___VmState.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state_filter", b"state_filter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token", "state_filter", b"state_filter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1030,6 +1043,7 @@ class VmInfo(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
     STATE_REASON_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     state: Global___VmState.ValueType
     vcpu_count: _builtins.int
@@ -1038,6 +1052,7 @@ class VmInfo(_message.Message):
     """Unix time, seconds."""
     modified_timestamp: _builtins.int
     state_reason: _builtins.str
+    namespace: _builtins.str
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -1056,10 +1071,11 @@ class VmInfo(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         placement: Global___Placement | None = ...,
         state_reason: _builtins.str = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_timestamp", b"created_timestamp", "memory_size_bytes", b"memory_size_bytes", "metadata", b"metadata", "modified_timestamp", b"modified_timestamp", "placement", b"placement", "state", b"state", "state_reason", b"state_reason", "vcpu_count", b"vcpu_count", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_timestamp", b"created_timestamp", "memory_size_bytes", b"memory_size_bytes", "metadata", b"metadata", "modified_timestamp", b"modified_timestamp", "namespace", b"namespace", "placement", b"placement", "state", b"state", "state_reason", b"state_reason", "vcpu_count", b"vcpu_count", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1188,6 +1204,9 @@ class WatchVmsRequest(_message.Message):
 
     VM_IDS_FIELD_NUMBER: _builtins.int
     STATE_FILTER_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Additive: as ListVmsRequest.namespace."""
     @_builtins.property
     def vm_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Empty watches every VM."""
@@ -1199,10 +1218,11 @@ class WatchVmsRequest(_message.Message):
         *,
         vm_ids: _abc.Iterable[_builtins.str] | None = ...,
         state_filter: _abc.Iterable[Global___VmState.ValueType] | None = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["state_filter", b"state_filter", "vm_ids", b"vm_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "state_filter", b"state_filter", "vm_ids", b"vm_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from vmm.v1 import host_pb2 as vmm_dot_v1_dot_host__pb2
 from vmm.v1 import vm_pb2 as vmm_dot_v1_dot_vm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1avmm/store/v1/records.proto\x12\x0cvmm.store.v1\x1a\x18vmm/agent/v1/agent.proto\x1a\x11vmm/v1/host.proto\x1a\x0fvmm/v1/vm.proto\"\xc6\x03\n\x08VmRecord\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12 \n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x10.vmm.v1.VmConfig\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12&\n\rdesired_state\x18\x06 \x01(\x0e\x32\x0f.vmm.v1.VmState\x12.\n\x08shutdown\x18\x07 \x01(\x0b\x32\x1c.vmm.agent.v1.ShutdownPolicy\x12\x14\n\x0creboot_epoch\x18\x08 \x01(\x03\x12\x14\n\x0c\x66orce_reboot\x18\t \x01(\x08\x12\x11\n\tsimulated\x18\n \x01(\x08\x12#\n\x08reserved\x18\x0b \x01(\x0b\x32\x11.vmm.v1.Resources\x12\x19\n\x11\x63reated_timestamp\x18\x0c \x01(\x03\x12\x1a\n\x12modified_timestamp\x18\r \x01(\x03\x12\x10\n\x08warnings\x18\x0e \x03(\t\x12&\n\x06status\x18\x0f \x01(\x0b\x32\x16.vmm.agent.v1.VmStatus\x12\x10\n\x08\x64\x65leting\x18\x10 \x01(\x08\x12\x14\n\x0c\x66orce_delete\x18\x11 \x01(\x08\"\xe1\x02\n\nHostRecord\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12#\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x11.vmm.v1.Resources\x12\x1c\n\x14\x63pu_overcommit_ratio\x18\x04 \x01(\x01\x12\x1f\n\x17memory_overcommit_ratio\x18\x05 \x01(\x01\x12!\n\x08\x62\x61\x63kends\x18\x06 \x03(\x0b\x32\x0f.vmm.v1.Backend\x12\x34\n\x06labels\x18\x07 \x03(\x0b\x32$.vmm.store.v1.HostRecord.LabelsEntry\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x1c\n\x14registered_timestamp\x18\t \x01(\x03\x12\x0f\n\x07\x62ridges\x18( \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\nAllocation\x12$\n\tallocated\x18\x01 \x01(\x0b\x32\x11.vmm.v1.Resources\x12\x10\n\x08vm_count\x18\x02 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1avmm/store/v1/records.proto\x12\x0cvmm.store.v1\x1a\x18vmm/agent/v1/agent.proto\x1a\x11vmm/v1/host.proto\x1a\x0fvmm/v1/vm.proto\"\xd9\x03\n\x08VmRecord\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12 \n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x10.vmm.v1.VmConfig\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12&\n\rdesired_state\x18\x06 \x01(\x0e\x32\x0f.vmm.v1.VmState\x12.\n\x08shutdown\x18\x07 \x01(\x0b\x32\x1c.vmm.agent.v1.ShutdownPolicy\x12\x14\n\x0creboot_epoch\x18\x08 \x01(\x03\x12\x14\n\x0c\x66orce_reboot\x18\t \x01(\x08\x12\x11\n\tsimulated\x18\n \x01(\x08\x12#\n\x08reserved\x18\x0b \x01(\x0b\x32\x11.vmm.v1.Resources\x12\x19\n\x11\x63reated_timestamp\x18\x0c \x01(\x03\x12\x1a\n\x12modified_timestamp\x18\r \x01(\x03\x12\x10\n\x08warnings\x18\x0e \x03(\t\x12&\n\x06status\x18\x0f \x01(\x0b\x32\x16.vmm.agent.v1.VmStatus\x12\x10\n\x08\x64\x65leting\x18\x10 \x01(\x08\x12\x14\n\x0c\x66orce_delete\x18\x11 \x01(\x08\x12\x11\n\tnamespace\x18\x12 \x01(\t\"\xe1\x02\n\nHostRecord\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12#\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x11.vmm.v1.Resources\x12\x1c\n\x14\x63pu_overcommit_ratio\x18\x04 \x01(\x01\x12\x1f\n\x17memory_overcommit_ratio\x18\x05 \x01(\x01\x12!\n\x08\x62\x61\x63kends\x18\x06 \x03(\x0b\x32\x0f.vmm.v1.Backend\x12\x34\n\x06labels\x18\x07 \x03(\x0b\x32$.vmm.store.v1.HostRecord.LabelsEntry\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x1c\n\x14registered_timestamp\x18\t \x01(\x03\x12\x0f\n\x07\x62ridges\x18( \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\nAllocation\x12$\n\tallocated\x18\x01 \x01(\x0b\x32\x11.vmm.v1.Resources\x12\x10\n\x08vm_count\x18\x02 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,11 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HOSTRECORD_LABELSENTRY']._loaded_options = None
   _globals['_HOSTRECORD_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_VMRECORD']._serialized_start=107
-  _globals['_VMRECORD']._serialized_end=561
-  _globals['_HOSTRECORD']._serialized_start=564
-  _globals['_HOSTRECORD']._serialized_end=917
-  _globals['_HOSTRECORD_LABELSENTRY']._serialized_start=872
-  _globals['_HOSTRECORD_LABELSENTRY']._serialized_end=917
-  _globals['_ALLOCATION']._serialized_start=919
-  _globals['_ALLOCATION']._serialized_end=987
+  _globals['_VMRECORD']._serialized_end=580
+  _globals['_HOSTRECORD']._serialized_start=583
+  _globals['_HOSTRECORD']._serialized_end=936
+  _globals['_HOSTRECORD_LABELSENTRY']._serialized_start=891
+  _globals['_HOSTRECORD_LABELSENTRY']._serialized_end=936
+  _globals['_ALLOCATION']._serialized_start=938
+  _globals['_ALLOCATION']._serialized_end=1006
 # @@protoc_insertion_point(module_scope)

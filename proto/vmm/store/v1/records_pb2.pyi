@@ -44,6 +44,7 @@ class VmRecord(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     DELETING_FIELD_NUMBER: _builtins.int
     FORCE_DELETE_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     backend: _builtins.str
     host_id: _builtins.str
@@ -57,6 +58,8 @@ class VmRecord(_message.Message):
     deleting: _builtins.bool
     """Set by DeleteVm; the record goes once the agent confirms removal."""
     force_delete: _builtins.bool
+    namespace: _builtins.str
+    """The namespace the VM belongs to ("default" for records written before namespaces)."""
     @_builtins.property
     def config(self) -> _vm_pb2.VmConfig:
         """Desired state, written by the API."""
@@ -93,10 +96,11 @@ class VmRecord(_message.Message):
         status: _agent_pb2.VmStatus | None = ...,
         deleting: _builtins.bool = ...,
         force_delete: _builtins.bool = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "reserved", b"reserved", "shutdown", b"shutdown", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "created_timestamp", b"created_timestamp", "deleting", b"deleting", "desired_state", b"desired_state", "force_delete", b"force_delete", "force_reboot", b"force_reboot", "generation", b"generation", "host_id", b"host_id", "modified_timestamp", b"modified_timestamp", "reboot_epoch", b"reboot_epoch", "reserved", b"reserved", "shutdown", b"shutdown", "simulated", b"simulated", "status", b"status", "vm_id", b"vm_id", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "created_timestamp", b"created_timestamp", "deleting", b"deleting", "desired_state", b"desired_state", "force_delete", b"force_delete", "force_reboot", b"force_reboot", "generation", b"generation", "host_id", b"host_id", "modified_timestamp", b"modified_timestamp", "namespace", b"namespace", "reboot_epoch", b"reboot_epoch", "reserved", b"reserved", "shutdown", b"shutdown", "simulated", b"simulated", "status", b"status", "vm_id", b"vm_id", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -178,7 +182,10 @@ Global___HostRecord: _TypeAlias = HostRecord  # noqa: Y015
 
 @_typing.final
 class Allocation(_message.Message):
-    """Key /vmm/allocations/<host_id>. Placement commits compare its revision."""
+    """Key /vmm/allocations/<host_id>. Placement commits compare its revision.
+    Also key /vmm/usage/<namespace>: what the VMs of a namespace with a quota hold; creates
+    and deletes in that namespace compare its revision.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
