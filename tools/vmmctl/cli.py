@@ -111,9 +111,9 @@ def _global_options(
     )] = None,
     namespace: Annotated[str, typer.Option(
         "--namespace", "-n", envvar="VMM_NAMESPACE",
-        help="Namespace to create VMs in and to list and watch; * lists every namespace "
-             "the credential may read.",
-    )] = "default",
+        help="Namespace to create VMs in and to list and watch (the controller's default: "
+             "default); * lists every namespace the credential may read.",
+    )] = "",
 ) -> None:
     if (client_cert is None) != (client_key is None):
         usage_error("--client-cert and --client-key go together")

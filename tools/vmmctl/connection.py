@@ -46,7 +46,8 @@ class Settings:
     ca_cert: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
-    namespace: str = "default"
+    # Empty: the controller's default namespace.
+    namespace: str = ""
 
     @property
     def json(self) -> bool:
