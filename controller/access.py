@@ -30,7 +30,7 @@ import hashlib
 import logging
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,8 @@ class Caller:
     host_id: str | None = None
     role: Role | None = None
     namespaces: frozenset[str] = frozenset()
+    # The sha256 of the token it presented; empty when a certificate (or nothing) named it.
+    credential: bytes = field(default=b"", repr=False)
 
     @property
     def is_agent(self) -> bool:
@@ -129,7 +131,7 @@ def parse(text: str, source: str = "access file") -> Access:
             return
         if digest in access.by_token:
             raise AccessFileError(f"{where}: the same token is given twice")
-        access.by_token[digest] = caller
+        access.by_token[digest] = replace(caller, credential=digest)
 
     for i, entry in enumerate(_tables(data, "agents", source)):
         where = f"{source}: agents[{i}]"

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from controller.access import Access, Caller
 from controller.auth import current_caller
 from controller.etcd import EtcdError, EtcdUnavailable, LeaseNotFound
 from controller.liveness import HeartbeatPolicy, ReplicaLease
@@ -100,6 +101,9 @@ class AgentSession:
         self.silent = False
         # The etcd revision that wrote this session's alive key (0 before registration).
         self.alive_revision = 0
+        # Who opened the stream; set when its credential is withdrawn (the stream ends).
+        self.caller: Caller | None = None
+        self.revoked = False
         self._ids = itertools.count(1)
 
     def send(self, message: agent_pb2.ConnectResponse) -> None:
@@ -315,6 +319,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                                 f"this credential speaks for host {caller.host_id} only, "
                                 f"not {host_id}")
         session = AgentSession(host_id, register)
+        session.caller = caller
         opened = False
         try:
             await self._register(session)
@@ -335,6 +340,9 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             for task in done:
                 if not task.cancelled() and task.exception():
                     log.info("agent stream of host %s ended: %s", host_id, task.exception())
+            if session.revoked:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "this agent's token was withdrawn from the access file")
         except EtcdUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unreachable: {exc}")
         except Superseded as exc:
@@ -392,6 +400,19 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                 raise Superseded(f"host {host_id} registered again on a newer stream")
             self._open(session)
 
+    def drop_withdrawn(self, access: Access) -> None:
+        """End the streams of agents whose token the new access file no longer holds."""
+        for session in list(self.sessions.values()):
+            caller = session.caller
+            if caller is None or not caller.credential:
+                continue  # open access, or a certificate: the file does not grant those
+            holder = access.by_token.get(caller.credential)
+            if holder is None or holder.host_id != session.host_id:
+                log.warning("host %s: its token was withdrawn; closing its stream",
+                            session.host_id)
+                session.revoked = True
+                session.send(agent_pb2.ConnectResponse())  # wakes the writer
+
     def _open(self, session: AgentSession) -> None:
         host_id = session.host_id
         old = self.sessions.get(host_id)
@@ -441,7 +462,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
     async def _write(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
         while True:
             message = await session.outbound.get()
-            if self.sessions.get(session.host_id) is not session:
+            if self.sessions.get(session.host_id) is not session or session.revoked:
                 return
             if message.WhichOneof("message") is None:
                 continue

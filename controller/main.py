@@ -99,6 +99,7 @@ class Controller:
         return self.access.current if self.access else None
 
     def _on_access_change(self, access: Access) -> None:
+        self.hub.drop_withdrawn(access)
         task = asyncio.create_task(self._forget_unlimited_usage(access), name="forget-usage")
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -8,6 +8,7 @@ is refused and changes nothing.
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import subprocess
 import sys
@@ -361,3 +362,29 @@ def test_vmmctl_presents_a_client_certificate(secure: Secure, tmp_path: Path) ->
         assert refused.returncode != 0
     finally:
         replica.stop()
+
+
+def test_a_withdrawn_agent_token_ends_its_stream(secure: Secure) -> None:
+    outbound: queue.Queue[agent_pb2.ConnectRequest | None] = queue.Queue()
+    outbound.put(agent_pb2.ConnectRequest(register=agent_pb2.Register(
+        host_id="host-b", capacity=host_pb2.Resources(vcpus=2, memory_bytes=2 << 30))))
+
+    def requests() -> Iterator[agent_pb2.ConnectRequest]:
+        while (item := outbound.get()) is not None:
+            yield item
+
+    original = secure.access.read_text()
+    with grpc.secure_channel(secure.address, secure.tls()) as channel:
+        call = agent_pb2_grpc.AgentServiceStub(channel).Connect(
+            requests(), metadata=(("authorization", f"Bearer {TOKENS['host-b']}"),), timeout=60)
+        try:
+            assert next(call).HasField("desired_state")  # registered
+            secure.access.write_text(original.replace(f'token = "{TOKENS["host-b"]}"',
+                                                      'token = "t-host-b-rotated"'))
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            outbound.put(None)
+            secure.access.write_text(original)
