@@ -32,12 +32,13 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 class Permission(StrEnum):
     READ = "read"            # see VMs and hosts
     LIFECYCLE = "lifecycle"  # create, change and delete VMs
-    ADMIN = "admin"          # fleet operations
+    ADMIN = "admin"          # fleet operations: migration, fleet networks
     AGENT = "agent"          # speak for a host
 
 
 _VM = "/vmm.v1.VmService/"
 _HOST = "/vmm.v1.HostService/"
+_NETWORK = "/vmm.v1.NetworkService/"
 # What each RPC needs. A method missing here is refused to everyone but open access.
 RPC_PERMISSIONS: dict[str, Permission] = {
     **{_VM + m: Permission.READ for m in (
@@ -48,6 +49,8 @@ RPC_PERMISSIONS: dict[str, Permission] = {
         "DetachNetworkInterface")},
     _VM + "MigrateVm": Permission.ADMIN,
     **{_HOST + m: Permission.READ for m in ("ListHosts", "GetHost", "GetBackendCapabilities")},
+    **{_NETWORK + m: Permission.READ for m in ("GetNetwork", "ListNetworks")},
+    **{_NETWORK + m: Permission.ADMIN for m in ("CreateNetwork", "DeleteNetwork")},
     "/vmm.agent.v1.AgentService/Connect": Permission.AGENT,
 }
 

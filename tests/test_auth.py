@@ -20,11 +20,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from controller.auth import RPC_PERMISSIONS
 from tests.conftest import FAKE_KERNEL
 from tools.fleet.cluster import ROOT, Cluster, Process, wait_until
 from tools.fleet.etcd_server import free_loopback_port
 from vmm.agent.v1 import agent_pb2, agent_pb2_grpc
-from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
+from vmm.v1 import host_pb2, host_pb2_grpc, network_pb2, vm_pb2, vm_pb2_grpc
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="needs the openssl command to make test certificates")
@@ -155,6 +156,15 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         yield secure
     finally:
         c.close()
+
+
+def test_every_rpc_has_a_permission() -> None:
+    """A new RPC must be placed in the table: one missing from it is refused to everyone."""
+    methods = {f"/{service.full_name}/{method.name}"
+               for module in (vm_pb2, host_pb2, network_pb2, agent_pb2)
+               for service in module.DESCRIPTOR.services_by_name.values()
+               for method in service.methods}
+    assert methods == set(RPC_PERMISSIONS)
 
 
 def code_of(call: object) -> grpc.StatusCode:
