@@ -1,4 +1,5 @@
-"""Read a VM's console log: the last N lines, or follow it as it grows."""
+"""Read a VM's serial console or its hypervisor's log: the last N lines, or follow it as
+it grows. The two are separate files, so neither ever carries the other's lines."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from agent.runtimes.base import RuntimeFailure
 from agent.vm_dir import StateDir
+from vmm.v1 import vm_pb2
 
 # The most a tail returns; older output is left out and `truncated` says so.
 MAX_TAIL_BYTES = 1024 * 1024
@@ -18,14 +20,18 @@ class ConsoleRelay:
     def __init__(self, state: StateDir) -> None:
         self.state = state
 
-    def _path(self, vm_id: str) -> Path:
+    def _path(self, vm_id: str, source: vm_pb2.ConsoleSource.ValueType) -> Path:
         vm = self.state.vm(vm_id)
         if not vm.exists():
             raise RuntimeFailure(f"vm {vm_id} is not on this host", "NOT_FOUND")
+        if source == vm_pb2.CONSOLE_SOURCE_HYPERVISOR:
+            return vm.hypervisor_log
         return vm.console_log
 
-    def tail(self, vm_id: str, lines: int) -> tuple[str, bool]:
-        path = self._path(vm_id)
+    def tail(self, vm_id: str, lines: int,
+             source: vm_pb2.ConsoleSource.ValueType = vm_pb2.CONSOLE_SOURCE_SERIAL
+             ) -> tuple[str, bool]:
+        path = self._path(vm_id, source)
         try:
             with open(path, "rb") as f:
                 f.seek(0, 2)
@@ -42,10 +48,12 @@ class ConsoleRelay:
             text = "".join(all_lines[-lines:])
         return text, truncated
 
-    async def follow(self, vm_id: str, lines: int) -> AsyncIterator[bytes]:
+    async def follow(self, vm_id: str, lines: int,
+                     source: vm_pb2.ConsoleSource.ValueType = vm_pb2.CONSOLE_SOURCE_SERIAL
+                     ) -> AsyncIterator[bytes]:
         """History (last `lines` lines), then new output as it arrives, until cancelled."""
-        path = self._path(vm_id)
-        text, _ = self.tail(vm_id, lines) if lines > 0 else ("", False)
+        path = self._path(vm_id, source)
+        text, _ = self.tail(vm_id, lines, source) if lines > 0 else ("", False)
         if text:
             yield text.encode()
         try:

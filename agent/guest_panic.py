@@ -45,6 +45,10 @@ class PanicScanner:
         vm.save_console_boot_offset(offset)
         self._scans[vm.vm_id] = _Scan(offset, offset)
 
+    def booted(self, vm: VmDir) -> bool:
+        """Whether the guest was started since its VM was created (by any agent run)."""
+        return vm.vm_id in self._scans or vm.console_boot_file.exists()
+
     def forget(self, vm_id: str) -> None:
         self._scans.pop(vm_id, None)
 

@@ -40,15 +40,18 @@ class ProcessRef:
 
 
 def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
-          env: dict[str, str] | None = None) -> ProcessRef:
-    """Start argv detached from the agent, stdout and stderr appended to console_log."""
+          env: dict[str, str] | None = None, hypervisor_log: Path | None = None) -> ProcessRef:
+    """Start argv detached from the agent, stdout appended to console_log (where a
+    hypervisor writes its guest's serial port) and stderr to hypervisor_log (its own
+    messages; console_log too when None)."""
     console_log.parent.mkdir(parents=True, exist_ok=True)
-    with open(console_log, "ab", buffering=0) as out:
+    with open(console_log, "ab", buffering=0) as out, \
+            open(hypervisor_log or os.devnull, "ab", buffering=0) as err:
         proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=out,
-            stderr=subprocess.STDOUT,
+            stderr=err if hypervisor_log else subprocess.STDOUT,
             cwd=cwd,
             env=env,
             start_new_session=True,

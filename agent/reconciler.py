@@ -230,6 +230,8 @@ class Reconciler:
             elif error and not status.reason:
                 status.reason = error
             self._publish(vm, status)
+            with contextlib.suppress(Exception):
+                await self._release_dead(runtime, vm, status)
 
     async def _converge(self, runtime: Runtime, vm: VmDir, desired: agent_pb2.DesiredVm) -> None:
         last = self.status.get(vm.vm_id)
@@ -338,8 +340,7 @@ class Reconciler:
         status.pid = obs.pid
         status.backend_info.update(obs.backend_info)
         status.network_interfaces.extend(self.nics.get(vm.vm_id, ()))
-        booted = last is not None and last.state in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED)
-        panic = self.panics.scan(vm) if booted or obs.guest_panic else None
+        panic = self.panics.scan(vm) if self.panics.booted(vm) or obs.guest_panic else None
         if obs.guest_panic:
             panic = panic or PANIC_REASON
         if obs.alive:
@@ -351,8 +352,7 @@ class Reconciler:
                 status.reason = with_console_tail(vm, obs.detail or "the hypervisor failed")
             return status
         created = vm.runtime_file.exists()
-        if panic and not stopped_on_request and last is not None \
-                and last.state != S.VM_STATE_FAILED:
+        if panic and not stopped_on_request and (last is None or last.state != S.VM_STATE_FAILED):
             status.state = S.VM_STATE_FAILED
             status.reason = with_console_tail(vm, panic)
         elif stopped_on_request:
@@ -446,10 +446,17 @@ class Reconciler:
                     observed.reason.splitlines()[0] if observed.reason else "",
                     extra={"vm_id": vm.vm_id})
         self._publish(vm, observed)
-        if observed.state == S.VM_STATE_FAILED and runtime.live_process(vm) is not None:
-            # A panicked guest stays dead (or reboots into the same panic): stop its
-            # hypervisor, which frees what it holds; the VM stays FAILED.
+        await self._release_dead(runtime, vm, observed)
+
+    async def _release_dead(self, runtime: Runtime, vm: VmDir,
+                            status: agent_pb2.VmStatus) -> None:
+        """What a dead VM holds goes at once. A panicked guest stays dead (or reboots into
+        the same panic): its hypervisor is stopped and the VM stays FAILED. A hypervisor
+        that is gone leaves its API socket behind: nothing will answer on it again."""
+        if status.state == S.VM_STATE_FAILED and runtime.live_process(vm) is not None:
             await runtime.shutdown(vm, True, 0)
+        if runtime.live_process(vm) is None:
+            vm.api_socket.unlink(missing_ok=True)
 
     # ---- requests -------------------------------------------------------------------
 

@@ -227,12 +227,14 @@ class ControllerSession:
                 send(agent_pb2.Reply(hotplug=await self.reconciler.hotplug(request.hotplug)))
             elif kind == "console_log":
                 text, truncated = self.console.tail(request.console_log.vm_id,
-                                                    request.console_log.tail_lines)
+                                                    request.console_log.tail_lines,
+                                                    request.console_log.source)
                 send(agent_pb2.Reply(console_log=agent_pb2.ConsoleLogResult(
                     text=text, truncated=truncated)))
             elif kind == "console_stream":
                 async for chunk in self.console.follow(request.console_stream.vm_id,
-                                                       request.console_stream.tail_lines):
+                                                       request.console_stream.tail_lines,
+                                                       request.console_stream.source):
                     send(agent_pb2.Reply(console_chunk=agent_pb2.ConsoleChunk(data=chunk),
                                          more=True))
                 send(agent_pb2.Reply())

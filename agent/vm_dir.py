@@ -9,11 +9,12 @@
                    restarted agent prove how far an interrupted operation got
     (api socket)   the hypervisor's API socket (QMP for QEMU) lives in <state_dir>/sockets/,
                    named by a digest of the VM id, to stay within the Unix socket path limit
-    console.log    the guest serial console (the hypervisor's stdout/stderr); a link to
-                   the config's console.output when it names one
+    console.log    the guest's serial console (the hypervisor's stdout), nothing else; a
+                   link to the config's console.output when it names one
     console.boot   the size console.log had when the guest last booted
     metrics.json   hypervisor metrics output, where the backend writes a file
-    hypervisor.log hypervisor's own log, where the backend writes one
+    hypervisor.log the hypervisor's own log and its stderr (.1: the previous process's,
+                   for backends that start it afresh)
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from agent.runtimes.qemu.accel import hardware_virtualization, kvm_device_usable
 from agent.vm_dir import StateDir, VmDir
 from tools.fleet.cluster import GIB, Cluster, wait_until
 from tools.guests.images import (
+    TINY_GUEST_PVPANIC_MARKER,
     LinuxGuest,
     TinyGuest,
 )
@@ -325,3 +326,24 @@ def test_guest_that_never_becomes_ready_is_failed_with_its_console_tail(
 
     delete_leaves_nothing(qemu_cluster, state, "hung", int(info(qemu_cluster, "hung")
                                                          .backend_info["pid"]))
+
+
+def test_guest_panic_signalled_on_the_pvpanic_device_is_reported_failed(
+        qemu_cluster: Cluster, tiny: TinyGuest) -> None:
+    """A guest whose console says nothing of its panic: only QEMU's GUEST_PANICKED tells."""
+    add_qemu_agent(qemu_cluster)
+    config = tiny_config(tiny, TINY_GUEST_PVPANIC_MARKER)
+    config.boot.kernel_path = str(tiny.panic_pvh32)
+    qemu_cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="pvpanic", config=config,
+                                                     backend="qemu"))
+    pid = qemu_pid(qemu_cluster, "pvpanic")
+    # The guest panics right after its marker: the boot may already see it.
+    booted = qemu_cluster.vms.BootVm(vm_pb2.BootVmRequest(vm_id="pvpanic"))
+    assert booted.state in (S.VM_STATE_RUNNING, S.VM_STATE_FAILED)
+
+    failed = wait_until(lambda: (i := info(qemu_cluster, "pvpanic")).state == S.VM_STATE_FAILED
+                        and i, timeout=OPERATION_TIMEOUT, what="the panicked VM to be FAILED")
+    assert isinstance(failed, vm_pb2.GetVmInfoResponse)
+    assert failed.state_reason.startswith("guest kernel panic"), failed.state_reason
+    assert TINY_GUEST_PVPANIC_MARKER in failed.state_reason  # the console tail
+    wait_until(lambda: process_gone(pid), what=f"qemu {pid} to be stopped")

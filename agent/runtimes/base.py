@@ -10,9 +10,11 @@ State a runtime needs after an agent restart lives in the VM's directory
 
 from __future__ import annotations
 
+import os
 import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent import process
 from agent.hypervisors.errors import RuntimeFailure as RuntimeFailure
@@ -202,9 +204,25 @@ def positive_int(value: str) -> int | None:
 
 
 def console_tail(vm: VmDir, lines: int = 20, max_bytes: int = 64 * 1024) -> str:
-    """The last lines of the VM's console log."""
+    """The last lines of the guest's serial console."""
+    return log_tail(vm.console_log, lines, max_bytes)
+
+
+def hypervisor_log_tail(vm: VmDir, lines: int = 10) -> str:
+    """The last lines of the hypervisor's own log (where its start-up errors go)."""
+    return log_tail(vm.hypervisor_log, lines)
+
+
+def rotate_log(path: Path) -> None:
+    """Start path afresh, keeping what it held as path.1 (one previous process's log)."""
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".1"))
+    path.touch()
+
+
+def log_tail(path: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> str:
     try:
-        with open(vm.console_log, "rb") as f:
+        with open(path, "rb") as f:
             f.seek(0, 2)
             size = f.tell()
             f.seek(max(0, size - max_bytes))

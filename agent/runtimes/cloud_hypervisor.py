@@ -47,8 +47,8 @@ from agent.runtimes.base import (
     Runtime,
     RuntimeFailure,
     RuntimeSettings,
-    console_tail,
     find_binary,
+    hypervisor_log_tail,
 )
 from agent.runtimes.cloud_hypervisor_config import (
     MIB,
@@ -518,7 +518,8 @@ class CloudHypervisorRuntime(Runtime):
         gdb_socket = config.boot.boot_options.get(features.GDB_KEY)
         if gdb_socket:
             argv += ["--gdb", f"path={gdb_socket}"]
-        ref = process.spawn(argv, vm.console_log, cwd=vm.path)
+        # Its stdout is the guest's serial port (mode Tty); its log and stderr go apart.
+        ref = process.spawn(argv, vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log)
         max_memory = max(config.memory.max_size_bytes, config.memory.size_bytes)
         self.save_process(vm, ref, phase=PHASE_CREATED, booted_at=0,
                           max_memory_bytes=max_memory,
@@ -530,7 +531,7 @@ class CloudHypervisorRuntime(Runtime):
             await process.kill(ref)
             vm.api_socket.unlink(missing_ok=True)
             vm.clear_runtime()
-            tail = console_tail(vm, lines=10)
+            tail = hypervisor_log_tail(vm, lines=10)
             raise RuntimeFailure(f"cloud-hypervisor did not start: {e}"
                                  + (f"; its output: {tail}" if tail else ""),
                                  "UNAVAILABLE") from e

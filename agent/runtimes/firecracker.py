@@ -12,6 +12,12 @@ fresh, freshly configured process.
 With boot.boot_options["ready_marker"] set, boot (and so reboot) returns once
 the guest has printed that text on its serial console.
 
+A guest kernel panic: the runtime adds `panic=1` to kernel args that set no panic
+timeout, so a panicked guest reboots and Firecracker exits; the agent tells that
+from an orderly reboot by the kernel's panic line on the serial console. The
+serial console (Firecracker's stdout) carries nothing else: Firecracker's logger is
+set on its command line, to the VM's hypervisor.log.
+
 Everything needed after an agent restart is in the VM's runtime.json: the
 process reference (pid, start time), `booted_at` once the guest was started and
 `stopped_at` once the agent stopped it. The in-memory samples only serve rate
@@ -63,9 +69,10 @@ from agent.runtimes.base import (
     RuntimeFailure,
     RuntimeSettings,
     UnsupportedOperation,
-    console_tail,
     find_binary,
+    hypervisor_log_tail,
     positive_int,
+    rotate_log,
 )
 from agent.runtimes.readiness import console_offset, ready_marker, wait_for_console_marker
 from agent.vm_dir import VmDir
@@ -228,6 +235,15 @@ def config_violations(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]
     return out
 
 
+def reboot_on_panic(kernel_args: str) -> str:
+    """kernel_args with `panic=1` unless they choose: a panicked guest then reboots after a
+    second, which ends the Firecracker process, so the agent notices the death (the
+    console's panic line tells it from an orderly reboot) instead of a guest hung for good."""
+    if not kernel_args.strip() or re.search(r"(^|\s)panic=", kernel_args):
+        return kernel_args
+    return f"{kernel_args} panic=1"
+
+
 def translate(config: vm_pb2.VmConfig) -> FirecrackerConfig:
     """The API bodies for config; RuntimeFailure (INVALID_ARGUMENT) if it cannot be expressed."""
     violations = config_violations(config)
@@ -242,8 +258,8 @@ def translate(config: vm_pb2.VmConfig) -> FirecrackerConfig:
             gdb_socket_path=boot.boot_options.get(features.GDB_KEY) or None,
         ),
         boot=BootSource(kernel_image_path=boot.kernel_path,
-                        # Empty args leave Firecracker's own defaults in place.
-                        boot_args=boot.kernel_args or None,
+                        # Empty args leave Firecracker's own defaults (panic=1 included).
+                        boot_args=reboot_on_panic(boot.kernel_args) or None,
                         initrd_path=boot.initrd_path or None),
         drives=tuple(
             Drive(drive_id=drive_id, path_on_host=disk.path,
@@ -605,20 +621,23 @@ class FirecrackerRuntime(Runtime):
         vm.create()
         # Firecracker refuses to start over an existing socket file.
         vm.api_socket.unlink(missing_ok=True)
-        # Older Firecracker releases only open existing log and metrics files.
-        vm.hypervisor_log.touch()
+        # Firecracker writes its log from the file's start without truncating it: each
+        # process gets a fresh file, the previous one's kept beside it. Older releases
+        # only open existing log and metrics files.
+        rotate_log(vm.hypervisor_log)
         vm.metrics_file.touch()
+        # The logger is set on the command line so that not even Firecracker's first lines
+        # reach its stdout, which is the guest's serial console. Info level: Firecracker
+        # then logs every API request it serves, an audit trail of what the agent asked.
         ref = process.spawn(
-            [*self.command, "--api-sock", str(vm.api_socket), "--id", instance_id(vm.vm_id)],
-            vm.console_log, cwd=vm.path)
+            [*self.command, "--api-sock", str(vm.api_socket), "--id", instance_id(vm.vm_id),
+             "--log-path", str(vm.hypervisor_log), "--level", "Info"],
+            vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log)
         self._record(vm, ref)
         self._samples.pop(vm.path, None)
         try:
             info = await self._wait_for_api(vm, ref)
             async with self._api(vm) as api:
-                # Info level: Firecracker then logs every API request it serves, an audit
-                # trail of what the agent asked of it.
-                await api.put_logger(vm.hypervisor_log, level="Info")
                 await api.put_metrics(vm.metrics_file)
                 await api.put_machine_config(config.machine)
                 await api.put_boot_source(config.boot)
@@ -676,5 +695,5 @@ class FirecrackerRuntime(Runtime):
 
 
 def _console_excerpt(vm: VmDir) -> str:
-    tail = console_tail(vm, lines=5)
-    return f"; console: {tail}" if tail else ""
+    tail = hypervisor_log_tail(vm, lines=5)
+    return f"; firecracker said: {tail}" if tail else ""

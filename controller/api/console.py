@@ -1,4 +1,5 @@
-"""VmService console RPCs: relay a VM's serial console log and live output from its agent."""
+"""VmService console RPCs: relay a VM's serial console (or its hypervisor's log) and live
+output from its agent."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from controller.api.operations import VmOperations, api_method
 from controller.errors import ApiError, code_from_name, invalid_field
 from vmm.agent.v1 import agent_pb2
 from vmm.v1 import vm_pb2
+
+
+def check_source(source: vm_pb2.ConsoleSource.ValueType) -> None:
+    if source not in vm_pb2.ConsoleSource.values():
+        raise invalid_field("source", f"unknown console source {source}; expected one of "
+                                      f"{', '.join(vm_pb2.ConsoleSource.keys())}")
 
 
 class ConsoleRpcs:
@@ -31,10 +38,12 @@ class ConsoleRpcs:
                             context: grpc.aio.ServicerContext) -> vm_pb2.GetConsoleLogResponse:
         if request.tail_lines < 0:
             raise invalid_field("tail_lines", "must not be negative")
+        check_source(request.source)
         session = self._session_for(request.vm_id)
         reply = await self.ops.call(session, agent_pb2.Request(
             console_log=agent_pb2.ConsoleLogRequest(vm_id=request.vm_id,
-                                                    tail_lines=request.tail_lines)))
+                                                    tail_lines=request.tail_lines,
+                                                    source=request.source)))
         if reply.error:
             raise ApiError(code_from_name(reply.error_code), reply.error)
         return vm_pb2.GetConsoleLogResponse(text=reply.console_log.text,
@@ -44,12 +53,13 @@ class ConsoleRpcs:
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[vm_pb2.StreamConsoleResponse]:
         try:
+            check_source(request.source)
             session = self._session_for(request.vm_id)
         except ApiError as err:
             await context.abort_with_status(err.to_status())
             return
         req = agent_pb2.Request(console_stream=agent_pb2.ConsoleStreamRequest(
-            vm_id=request.vm_id, tail_lines=request.tail_lines))
+            vm_id=request.vm_id, tail_lines=request.tail_lines, source=request.source))
         async with session.open_request(req) as replies:
             try:
                 while True:

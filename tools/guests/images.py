@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TINY_GUEST_MARKER = "GUEST-READY tiny-elf"
+# What the tiny panicking guests print (the first one as a Linux kernel in a panic does).
+TINY_GUEST_PANIC_LINE = "Kernel panic - not syncing: tiny guest panics on purpose"
+TINY_GUEST_PVPANIC_MARKER = "tiny guest signals a panic on its pvpanic port"
 LINUX_GUEST_MARKER = "VMM-GUEST-READY"
 LINUX_GUEST_POWEROFF_MARKER = "VMM-GUEST-POWEROFF"
 # Printed once a second by the Linux guest, followed by a counter and what the guest
@@ -139,6 +142,17 @@ marker:
     .set    marker_len, . - marker
 """
 
+# Variants that die as a panicking Linux kernel does. For Firecracker: the kernel's panic
+# line, then the reboot `panic=1` asks for (a CPU reset through the i8042 controller,
+# which ends the Firecracker process). For QEMU: a line that is not the panic line, then
+# a panic event on the pvpanic device's port, so only the hypervisor can tell.
+_TINY_PANIC_ELF64_SOURCE = _TINY_ELF64_SOURCE.replace(
+    TINY_GUEST_MARKER, TINY_GUEST_PANIC_LINE).replace(
+    "2:  hlt", "    mov     $0xfe, %al\n    outb    %al, $0x64\n2:  hlt")
+_TINY_PANIC_PVH32_SOURCE = _TINY_PVH32_SOURCE.replace(
+    TINY_GUEST_MARKER, TINY_GUEST_PVPANIC_MARKER).replace(
+    "2:  hlt", "    mov     $1, %al\n    mov     $0x505, %dx\n    outb    %al, %dx\n2:  hlt")
+
 _TINY_ELF64_BUILD = (
     ("gcc", "-c", "-o", "{obj}", "{src}"),
     ("ld", "-static", "-nostdlib", "-Ttext=0x1000000", "-e", "_start", "-o", "{out}", "{obj}"),
@@ -158,6 +172,9 @@ class TinyGuest:
     elf64: Path
     # 32-bit ELF with a PVH entry note, loaded at 0x100000 (QEMU's -kernel).
     pvh32: Path
+    # Die as a panicking kernel: see _TINY_PANIC_ELF64_SOURCE and _TINY_PANIC_PVH32_SOURCE.
+    panic_elf64: Path
+    panic_pvh32: Path
     marker: str = TINY_GUEST_MARKER
 
 
@@ -183,6 +200,10 @@ def tiny_guest(cache_dir: Path) -> TinyGuest:
     return TinyGuest(
         elf64=_build_asm(cache_dir, "tiny-guest-elf64", _TINY_ELF64_SOURCE, _TINY_ELF64_BUILD),
         pvh32=_build_asm(cache_dir, "tiny-guest-pvh32", _TINY_PVH32_SOURCE, _TINY_PVH32_BUILD),
+        panic_elf64=_build_asm(cache_dir, "tiny-panic-elf64", _TINY_PANIC_ELF64_SOURCE,
+                               _TINY_ELF64_BUILD),
+        panic_pvh32=_build_asm(cache_dir, "tiny-panic-pvh32", _TINY_PANIC_PVH32_SOURCE,
+                               _TINY_PVH32_BUILD),
     )
 
 

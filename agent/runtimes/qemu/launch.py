@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.runtimes.qemu import events
 from agent.runtimes.qemu.accel import AccelChoice
 from agent.runtimes.qemu.config import (
     MIB,
@@ -68,7 +69,7 @@ def build_launch(binary: str, vm: VmDir, config: vm_pb2.VmConfig,
         binary, "-name", f"{vm.vm_id},debug-threads=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-S",
         "-qmp", f"unix:{vm.api_socket},server=on,wait=off",
-        # append=on: the process's own stderr shares this file (see agent.process.spawn).
+        # append=on: the file outlives a process; each boot's output follows the last.
         "-chardev", f"file,id=serial0,path={vm.console_log},append=on",
         "-serial", "chardev:serial0",
         "-cpu", accel.cpu_model,
@@ -79,6 +80,9 @@ def build_launch(binary: str, vm: VmDir, config: vm_pb2.VmConfig,
         "-action", "shutdown=poweroff,reboot=reset,panic=pause",
         # The ISA pvpanic device (port 0x505, described in ACPI) works on microvm and q35.
         "-device", "pvpanic",
+        # QMP events (GUEST_PANICKED among them) written to a file: see qemu.events.
+        "-chardev", f"pipe,id=qmp-events,path={_escape(str(events.base_path(vm)))}",
+        "-mon", "chardev=qmp-events,mode=control",
     ]
     machine_props = [f"{machine.value}", f"accel={accel.accel.value}"]
     argv += _smp_args(config)

@@ -47,10 +47,10 @@ from agent.runtimes.base import (
     Runtime,
     RuntimeFailure,
     RuntimeSettings,
-    console_tail,
     find_binary,
+    hypervisor_log_tail,
 )
-from agent.runtimes.qemu import record
+from agent.runtimes.qemu import events, record
 from agent.runtimes.qemu.accel import Accel, choose_accel
 from agent.runtimes.qemu.capabilities import LIMITS, SUPPORT_MATRIX, preflight_violations
 from agent.runtimes.qemu.config import config_violations, raise_violations, requested_accel
@@ -95,6 +95,7 @@ class QemuRuntime(Runtime):
         self.accel = accel
         self._version: str | None = None
         self._metrics = QemuMetrics()
+        self._events = events.EventLog()
 
     # ---- discovery and declarations -------------------------------------------------
 
@@ -217,6 +218,7 @@ class QemuRuntime(Runtime):
     async def destroy(self, vm: VmDir) -> None:
         await super().destroy(vm)
         self._metrics.forget(vm)
+        self._events.forget(vm)
 
     async def observe(self, vm: VmDir) -> Observation:
         data = vm.load_runtime()
@@ -248,6 +250,9 @@ class QemuRuntime(Runtime):
         detail = "" if status in {"prelaunch", "running", "paused"} else f"QEMU reports {status!r}"
         return Observation(alive=True, state=state, pid=ref.pid, detail=detail, backend_info=info,
                            guest_panic=status == "guest-panicked")
+
+    def guest_panic_reported(self, vm: VmDir) -> bool:
+        return self._events.guest_panicked(vm)
 
     async def metrics(self, vm: VmDir) -> vm_pb2.VmMetrics:
         return await self._metrics.read(vm)
@@ -284,7 +289,10 @@ class QemuRuntime(Runtime):
         # QEMU binds a fresh socket; a stale file would make it fail.
         vm.api_socket.unlink(missing_ok=True)
         launch = build_launch(self.binary, vm, config, accel)
-        ref = process.spawn(launch.argv, vm.console_log, cwd=vm.path)
+        events.prepare(vm)
+        self._events.forget(vm)
+        ref = process.spawn(launch.argv, vm.console_log, cwd=vm.path,
+                            hypervisor_log=vm.hypervisor_log)
         self.save_process(vm, ref, api_socket=str(vm.api_socket),
                           **{record.ACCEL: accel.accel.value, record.ACCEL_REASON: accel.reason,
                              record.MACHINE: launch.machine.value, record.PORTS: launch.ports,
@@ -374,5 +382,5 @@ def _liveness(ref: ProcessRef) -> Callable[[], bool]:
 
 
 def _console_excerpt(vm: VmDir) -> str:
-    tail = console_tail(vm, lines=5)
-    return f"; console: {tail}" if tail else ""
+    tail = hypervisor_log_tail(vm, lines=5)
+    return f"; qemu said: {tail}" if tail else ""

@@ -80,6 +80,32 @@ VM_EVENT_TYPE_UPDATED: VmEventType.ValueType  # 3
 VM_EVENT_TYPE_DELETED: VmEventType.ValueType  # 4
 Global___VmEventType: _TypeAlias = VmEventType  # noqa: Y015
 
+class _ConsoleSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConsoleSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConsoleSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONSOLE_SOURCE_UNSPECIFIED: _ConsoleSource.ValueType  # 0
+    """The guest's serial console."""
+    CONSOLE_SOURCE_SERIAL: _ConsoleSource.ValueType  # 1
+    CONSOLE_SOURCE_HYPERVISOR: _ConsoleSource.ValueType  # 2
+    """The hypervisor's own log (Firecracker's logger, Cloud Hypervisor's --log-file, QEMU's
+    stderr); never mixed into the serial console.
+    """
+
+class ConsoleSource(_ConsoleSource, metaclass=_ConsoleSourceEnumTypeWrapper):
+    """Additive: which of a VM's logs a console call reads."""
+
+CONSOLE_SOURCE_UNSPECIFIED: ConsoleSource.ValueType  # 0
+"""The guest's serial console."""
+CONSOLE_SOURCE_SERIAL: ConsoleSource.ValueType  # 1
+CONSOLE_SOURCE_HYPERVISOR: ConsoleSource.ValueType  # 2
+"""The hypervisor's own log (Firecracker's logger, Cloud Hypervisor's --log-file, QEMU's
+stderr); never mixed into the serial console.
+"""
+Global___ConsoleSource: _TypeAlias = ConsoleSource  # noqa: Y015
+
 @_typing.final
 class VmConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1544,18 +1570,22 @@ class GetConsoleLogRequest(_message.Message):
 
     VM_ID_FIELD_NUMBER: _builtins.int
     TAIL_LINES_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     tail_lines: _builtins.int
     """The last N lines; 0 means the whole log (capped by the agent)."""
+    source: Global___ConsoleSource.ValueType
+    """Additive: UNSPECIFIED reads the serial console."""
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
         tail_lines: _builtins.int = ...,
+        source: Global___ConsoleSource.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tail_lines", b"tail_lines", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "tail_lines", b"tail_lines", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1590,18 +1620,22 @@ class StreamConsoleRequest(_message.Message):
 
     VM_ID_FIELD_NUMBER: _builtins.int
     TAIL_LINES_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     tail_lines: _builtins.int
     """Lines of history to send before following new output."""
+    source: Global___ConsoleSource.ValueType
+    """Additive: UNSPECIFIED follows the serial console."""
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
         tail_lines: _builtins.int = ...,
+        source: Global___ConsoleSource.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tail_lines", b"tail_lines", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "tail_lines", b"tail_lines", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,6 +15,8 @@ simulated guest writes two lines on its serial console:
     GUEST-READY
 
 `GUEST-READY` is the readiness marker. PUT /serial redirects these lines to a file.
+A Linux guest (below) given `root=` without a root drive or initrd panics instead
+and, with `panic=N`, reboots N seconds later, which ends the process (see guest).
 
 Kernel image. InstanceStart refuses an image that does not start with the ELF
 magic, with Firecracker's loader error. SendCtrlAltDel goes to the guest through

@@ -8,6 +8,17 @@ stdout, or the file set by PUT /serial):
     [    0.000000] Command line: <kernel command line as the guest sees it>
     GUEST-READY
 
+A Linux guest (an image with the i8042 driver, below) told to mount a root device
+that does not exist (`root=` on its command line, no root drive, no initrd) panics
+as Linux does, printing instead of the marker:
+
+    [    0.600000] VFS: Cannot open root device "vda" or unknown-block(0,0): error -6
+    [    0.600000] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)
+
+With `panic=N` (N > 0) on its command line it then reboots after N seconds (at once
+for N < 0), printing `Rebooting in N seconds..`, and Firecracker exits as on any guest
+reboot; without, it hangs for good.
+
 SendCtrlAltDel reaches the guest through the emulated i8042 keyboard controller.
 A Linux kernel built with the i8042 driver answers it by rebooting, and
 Firecracker exits when its guest reboots. The simulator decides by the kernel
@@ -66,3 +77,31 @@ def has_balloon_driver(kernel: int) -> bool:
 
 def boot_lines(cmdline: str) -> list[str]:
     return [f"[    0.000000] Command line: {cmdline}", READY_MARKER]
+
+
+PANIC_LINE = "Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)"
+
+
+def root_device_missing(cmdline: str, has_root_drive: bool, has_initrd: bool) -> str | None:
+    """The root device a Linux guest would fail to open, or None when it boots."""
+    if has_root_drive or has_initrd:
+        return None
+    roots = [arg.split("=", 1)[1] for arg in cmdline.split() if arg.startswith("root=")]
+    return roots[-1].removeprefix("/dev/") if roots else None
+
+
+def panic_lines(device: str) -> list[str]:
+    return [f'[    0.600000] VFS: Cannot open root device "{device}" or unknown-block(0,0): '
+            "error -6", f"[    0.600000] {PANIC_LINE}"]
+
+
+def panic_reboot_delay(cmdline: str) -> float | None:
+    """Seconds until a panicked kernel reboots (`panic=N`), None when it never does."""
+    values = [arg.split("=", 1)[1] for arg in cmdline.split() if arg.startswith("panic=")]
+    try:
+        seconds = int(values[-1]) if values else 0
+    except ValueError:
+        return None
+    if seconds == 0:
+        return None
+    return max(0.0, float(seconds))

@@ -193,7 +193,26 @@ class Vmm:
         self.devices.balloon_active = guest.has_balloon_driver(kernel)
         self.devices.hotplug_requested_mib = 0
         self._run(RUNNING)
-        self._console(guest.boot_lines(self.resources.kernel_cmdline()))
+        cmdline = self.resources.kernel_cmdline()
+        missing = guest.root_device_missing(
+            cmdline, self.resources.has_block_root(),
+            self.resources.boot_source.get("initrd_path") is not None) \
+            if self.reboots_on_ctrl_alt_del else None
+        if missing is None:
+            self._console(guest.boot_lines(cmdline))
+            return
+        self._console([guest.boot_lines(cmdline)[0], *guest.panic_lines(missing)])
+        delay = guest.panic_reboot_delay(cmdline)
+        if delay is not None:
+            self._console([f"[    0.600000] Rebooting in {max(1, int(delay))} seconds.."])
+            self.reboot_timer = self.loop.call_later(delay, self._panic_reboot)
+
+    def _panic_reboot(self) -> None:
+        """The panicked kernel's emergency restart: no orderly reboot line."""
+        self.metrics.inc("i8042", "reset_count")
+        self.logger.info("Vmm is stopping.", "main")
+        self.logger.info("Firecracker exiting successfully. exit_code=0", "main")
+        self.exit_process(0)
 
     def _run(self, state: str) -> None:
         """The microVM exists from here on: runtime API, per-device and periodic metrics."""

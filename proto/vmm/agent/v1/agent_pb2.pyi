@@ -524,17 +524,20 @@ class ConsoleLogRequest(_message.Message):
 
     VM_ID_FIELD_NUMBER: _builtins.int
     TAIL_LINES_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     tail_lines: _builtins.int
+    source: _vm_pb2.ConsoleSource.ValueType
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
         tail_lines: _builtins.int = ...,
+        source: _vm_pb2.ConsoleSource.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tail_lines", b"tail_lines", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "tail_lines", b"tail_lines", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -546,17 +549,20 @@ class ConsoleStreamRequest(_message.Message):
 
     VM_ID_FIELD_NUMBER: _builtins.int
     TAIL_LINES_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     tail_lines: _builtins.int
+    source: _vm_pb2.ConsoleSource.ValueType
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
         tail_lines: _builtins.int = ...,
+        source: _vm_pb2.ConsoleSource.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tail_lines", b"tail_lines", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "tail_lines", b"tail_lines", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
