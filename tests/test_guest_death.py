@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.console import ConsoleRelay
+from agent.host_paths import HostPathPolicy
 from agent.reconciler import Reconciler
 from agent.runtimes.base import Runtime, RuntimeSettings
 from agent.runtimes.firecracker import FirecrackerRuntime
@@ -78,7 +79,9 @@ async def start_agent(state_dir: StateDir) -> AsyncIterator[
     async def start(runtime: Runtime) -> Agent:
         reports: list[agent_pb2.VmStatus] = []
         reconciler = Reconciler(state_dir, {runtime.name: runtime}, reports.append,
-                                runtime.settings)
+                                runtime.settings,
+                                # The guests and the state dir are under the temp dir.
+                                host_paths=HostPathPolicy.of([tempfile.gettempdir()]))
         await reconciler.adopt_all()
         reconciler.start_monitor()
         started.append(reconciler)
