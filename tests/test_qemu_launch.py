@@ -38,7 +38,12 @@ def test_the_plain_config_runs_on_microvm_paused_with_qmp_and_a_console_file(
     assert "-S" in argv and "-nodefaults" in argv
     assert option_values(argv, "-qmp") == [f"unix:{vm.api_socket},server=on,wait=off"]
     assert option_values(argv, "-chardev") == [
-        f"file,id=serial0,path={vm.console_log},append=on"]
+        f"file,id=serial0,path={vm.console_log},append=on",
+        f"pipe,id=qmp-events,path={vm.path / 'qmp-events'}"]
+    # Guest panics: a pvpanic device, a guest stopped in place, its event in a file.
+    assert option_values(argv, "-device")[0] == "pvpanic"
+    assert "panic=pause" in option_values(argv, "-action")[0]
+    assert option_values(argv, "-mon") == ["chardev=qmp-events,mode=control"]
     assert option_values(argv, "-smp") == ["cpus=2,maxcpus=2"]
     assert option_values(argv, "-m") == ["size=256M"]
     assert option_values(argv, "-append") == ["console=ttyS0"]
