@@ -28,7 +28,7 @@ from controller.access import Access, Caller
 from controller.auth import current_caller
 from controller.etcd import EtcdError, EtcdUnavailable, LeaseNotFound
 from controller.liveness import HeartbeatPolicy, ReplicaLease
-from controller.store import Store, StoredVm, now
+from controller.store import Store, now
 from controller.telemetry import Telemetry
 from controller.vm_cache import VmCache, VmChange
 from controller.wire import undecodable
@@ -38,6 +38,9 @@ from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2, vm_pb2
 
 log = logging.getLogger(__name__)
+
+# Status writes one host may have in flight at once.
+STATUS_WRITES_PER_HOST = 32
 
 # Status fields worth a write to etcd when they change (metrics are kept in memory).
 _DURABLE_STATUS_FIELDS = ("observed_generation", "state", "reason", "error", "error_code", "pid",
@@ -168,6 +171,8 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         self._dispatcher: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._status_locks: dict[str, asyncio.Lock] = {}
+        # Status writes in flight; they finish even if their stream ends first.
+        self._status_writes: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -469,6 +474,23 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             await context.write(message)
 
     async def _read(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
+        # Status writes run beside the reading, a bounded number at a time (per VM in order:
+        # apply_status takes the VM's lock first), so that heartbeats and replies never
+        # queue behind etcd, nor one VM's write behind another's.
+        writes = asyncio.Semaphore(STATUS_WRITES_PER_HOST)
+        reader = asyncio.current_task()
+        assert reader is not None
+
+        def written(task: asyncio.Task[None]) -> None:
+            writes.release()
+            self._status_writes.discard(task)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                # A lost report would leave the record stale until the VM next changes:
+                # end the stream instead; the agent reconnects and reports every VM again.
+                log.warning("recording a status of host %s failed (%s); ending its stream",
+                            session.host_id, exc)
+                reader.cancel()
+
         while True:
             message = await context.read()
             if message is grpc.aio.EOF:
@@ -481,7 +503,10 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             if kind == "heartbeat":
                 self._heartbeat(session, message.heartbeat)
             elif kind == "vm_status":
-                await self.apply_status(session, message.vm_status)
+                await writes.acquire()
+                task = asyncio.create_task(self.apply_status(session, message.vm_status))
+                self._status_writes.add(task)
+                task.add_done_callback(written)
             elif kind == "reply":
                 session.deliver(message.reply)
 
@@ -539,29 +564,10 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                     self.telemetry.vm_state_changed(old_state, new.state)
                 return True
 
-            reported = records_pb2.VmRecord()
-            reported.CopyFrom(cached.record)
-            reported.status.CopyFrom(new)
-            ahead = StoredVm(reported, cached.revision)
-            self.cache.note_report(ahead)
-            try:
-                stored = await self.store.mutate_vm(status.vm_id, change, known=cached)
-            except BaseException:
-                self.cache.forget_report(ahead, cached)
-                raise
+            stored = await self.store.mutate_vm(status.vm_id, change, known=cached)
             failpoints.hit("controller.status.applied", status.vm_id)
             if stored is not None:
                 self.cache.note_write(stored)
-            if stored is None or stored.revision == cached.revision:
-                self.cache.forget_report(ahead, cached)  # nothing written after all
-
-    async def status_settled(self, vm_id: str) -> None:
-        """Wait until no report of this VM is on its way to etcd, so that a change built on
-        the cached record does not race the report's write (and lose its compare)."""
-        lock = self._status_locks.get(vm_id)
-        if lock is not None and lock.locked():
-            async with lock:
-                pass
 
     def host_of(self, host_id: str) -> AgentSession | None:
         return self.sessions.get(host_id)

@@ -109,23 +109,6 @@ class VmCache:
             self._store(vm_id, stored)
             self._wake(vm_id)
 
-    def note_report(self, reported: StoredVm) -> None:
-        """An agent's report, before its write to etcd is durable: readers and waiters see it
-        at once, so an RPC answers when the host has done the work, not one etcd round trip
-        later. Taken only over the revision it was built on; the durable write (a higher
-        revision) replaces it. A report is an observation, not a decision: if this replica
-        dies before the write, the agent reports it again to whichever replica it reaches."""
-        vm_id = reported.record.vm_id
-        cached = self.vms.get(vm_id)
-        if cached is not None and cached.revision == reported.revision:
-            self.vms[vm_id] = reported
-            self._wake(vm_id)
-
-    def forget_report(self, reported: StoredVm, durable: StoredVm) -> None:
-        """The report's write failed: show what etcd holds again."""
-        if self.vms.get(reported.record.vm_id) is reported:
-            self.vms[reported.record.vm_id] = durable
-
     async def _apply(self, change: VmChange) -> None:
         cached = self.vms.get(change.vm_id)
         if change.current is None:

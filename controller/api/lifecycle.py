@@ -152,7 +152,6 @@ class LifecycleRpcs:
     @api_method
     async def DeleteVm(self, request: vm_pb2.DeleteVmRequest,
                        context: grpc.aio.ServicerContext) -> vm_pb2.DeleteVmResponse:
-        await self.ops.hub.status_settled(request.vm_id)
         stored = self.ops.get(request.vm_id)
         record = stored.record
         state = self.ops.current_state(record)

@@ -178,7 +178,6 @@ class VmOperations:
     async def transition(self, vm_id: str, verb: str, allowed: set[int], target: int,
                          feature_key: str, edit: Callable[[records_pb2.VmRecord], None] | None
                          = None, timeout: float | None = None) -> vm_pb2.VmState.ValueType:
-        await self.hub.status_settled(vm_id)
         stored = self.get(vm_id)
         record = stored.record
         if record.deleting:
