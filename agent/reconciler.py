@@ -297,7 +297,8 @@ class Reconciler:
             return desired
         runnable = agent_pb2.DesiredVm()
         runnable.CopyFrom(desired)
-        runnable.config.CopyFrom(await self.network.attach(vm_id, desired.config))
+        runnable.config.CopyFrom(await self.network.attach(
+            vm_id, desired.config, self.runtimes.get(desired.backend)))
         with_ip_args(runnable.config)
         self.nics[vm_id] = self.network.status(runnable.config)
         return runnable
@@ -507,7 +508,7 @@ class Reconciler:
             resolved = agent_pb2.HotplugRequest()
             resolved.CopyFrom(request)
             nic = await network.attach_nic(vm.vm_id, request.attach_nic,
-                                           len(desired.config.network))
+                                           len(desired.config.network), runtime)
             resolved.attach_nic.CopyFrom(nic)
             try:
                 config = await runtime.hotplug(vm, resolved)

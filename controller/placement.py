@@ -105,6 +105,10 @@ class Placer:
             named = self.ops.fleet.index.get(request.host_id)
             if named is None or not named.ready:
                 return failed_precondition(f"host {request.host_id!r} is not connected")
+        if why.missing_bridges:
+            wanted_bridges = ", ".join(sorted(why.missing_bridges))
+            return failed_precondition(
+                f"no ready host has the bridges of the VM's networks ({wanted_bridges})")
         if not why.offered_backends:
             if request.backend:
                 return ApiError(grpc.StatusCode.FAILED_PRECONDITION,

@@ -56,6 +56,13 @@ def test_network_definitions_are_checked_and_named_in_errors(cluster: Cluster) -
         cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="lost", config=nic_config("nowhere")))
     assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "config.network[0].network" in unknown.value.details()
+    # No host has the network's bridge: refused, and the address taken for it given back.
+    with pytest.raises(grpc.RpcError) as nowhere:
+        cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="far", config=nic_config("pool")))
+    assert nowhere.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert BRIDGE in nowhere.value.details()
+    assert networks.GetNetwork(network_pb2.GetNetworkRequest(
+        name="pool")).network.allocated_addresses == 0
 
 
 def test_two_replicas_hand_out_distinct_addresses_and_take_them_back(

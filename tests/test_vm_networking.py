@@ -27,6 +27,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from agent.network import links
+from agent.network.links import IFF_MULTI_QUEUE, tun_flags
 from agent.network.names import TAP_PREFIX, parse_alias, tap_alias, tap_name
 from tools.fleet.cluster import GIB, Cluster, wait_until
 from tools.guests.images import (
@@ -99,7 +100,7 @@ def net_host(qemu_binary: str) -> Iterator[NetHost]:
             ip.addr("add", index=ip.link_lookup(ifname=bridges[2])[0], address=gateway,
                     prefixlen=subnet.prefixlen)
         cluster.start()
-        cluster.add_agent(host_id, vcpus=4, memory=4 * GIB, backends="qemu")
+        cluster.add_agent(host_id, vcpus=4, memory=4 * GIB, backends="qemu,cloud-hypervisor")
         network = network_pb2.Network(name=f"n{secrets.token_hex(4)}", bridge=bridges[2],
                                       cidr=str(subnet), gateway=gateway)
         network_pb2_grpc.NetworkServiceStub(cluster.channel).CreateNetwork(
@@ -163,6 +164,15 @@ def tap_index(tap: str) -> int:
     return int(sysfs(tap, "ifindex"))
 
 
+def egress_rate(tap: str) -> int | None:
+    """Bytes/s of the token bucket on the TAP's egress, None without one."""
+    with IPRoute() as ip:
+        for qdisc in ip.get_qdiscs(tap_index(tap)):
+            if qdisc.get_attr("TCA_KIND") == "tbf":
+                return int(qdisc.get_attr("TCA_OPTIONS").get_attr("TCA_TBF_PARMS")["rate"])
+    return None
+
+
 # ---- tests ------------------------------------------------------------------------------
 
 
@@ -171,9 +181,12 @@ def test_two_nics_get_taps_on_their_bridges_while_the_vm_runs_and_none_after_del
     cluster, host_id, mgmt, data = net_host.cluster, net_host.host_id, net_host.mgmt, net_host.data
     config = tiny_config(
         tiny,
-        vm_pb2.NetworkInterface(id="eth0", tap_device=mgmt),
+        # QEMU has no rate limit of its own: the agent shapes the TAP (10 Mbit/s).
+        vm_pb2.NetworkInterface(id="eth0", tap_device=mgmt,
+                                options={"rate_limit_bandwidth": "1250000"}),
+        # Two queue pairs: QEMU opens the TAP multi-queue, so it must be made so.
         vm_pb2.NetworkInterface(id="eth1", tap_device=data, mtu=1400,
-                                mac_address="02:aa:bb:cc:dd:01"))
+                                mac_address="02:aa:bb:cc:dd:01", options={"num_queues": "2"}))
     create_and_boot(cluster, "two-nics", config)
 
     nics = nics_of(cluster, "two-nics")
@@ -189,6 +202,10 @@ def test_two_nics_get_taps_on_their_bridges_while_the_vm_runs_and_none_after_del
         # QEMU holds the TAP open: it has carrier, which a TAP nobody opened lacks.
         assert sysfs(nic.tap_device, "carrier") == "1"
     assert nics["eth1"].mac_address == "02:aa:bb:cc:dd:01"
+    assert tun_flags(nics["eth1"].tap_device) & IFF_MULTI_QUEUE
+    assert not tun_flags(nics["eth0"].tap_device) & IFF_MULTI_QUEUE
+    assert egress_rate(nics["eth0"].tap_device) == 1250000
+    assert egress_rate(nics["eth1"].tap_device) is None
     derived = nics["eth0"].mac_address
     assert int(derived[:2], 16) & 0b11 == 0b10  # locally administered, unicast
     qemu_cmdline = " ".join(psutil.Process(int(cluster.vms.GetVmInfo(vm_pb2.GetVmInfoRequest(
@@ -249,6 +266,39 @@ def icmp_echo(address: str, timeout: float) -> bool:
             if source == address and icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
                 return True
     return False
+
+
+def test_hotplugged_nics_get_a_tap_before_the_device_and_lose_it_after(
+        net_host: NetHost, tiny: TinyGuest, kvm: None) -> None:
+    cluster, host_id = net_host.cluster, net_host.host_id
+    for vm_id, backend, boot_options in (
+            ("hot-qemu", "qemu", {"machine": "q35"}), ("hot-ch", "cloud-hypervisor", {})):
+        config = tiny_config(tiny)
+        config.boot.boot_options.update(boot_options)
+        if backend == "cloud-hypervisor":
+            config.boot.kernel_path = str(tiny.elf64)
+            config.boot.boot_options.pop("ready_marker")
+            config.memory.size_bytes = 512 * MIB  # the simulator's smallest
+        cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id=vm_id, config=config,
+                                                    backend=backend))
+        cluster.vms.BootVm(vm_pb2.BootVmRequest(vm_id=vm_id))
+        tap = tap_name(host_id, vm_id, "hot0")
+        assert links.link_kind(tap) is None
+        cluster.vms.AttachNetworkInterface(vm_pb2.AttachNetworkInterfaceRequest(
+            vm_id=vm_id, interface=vm_pb2.NetworkInterface(id="hot0", tap_device=net_host.mgmt)))
+        assert master_of(tap) == net_host.mgmt
+        assert nics_of(cluster, vm_id)["hot0"].tap_device == tap
+        if backend == "qemu":
+            # The hot-added device holds the TAP open. (QEMU's unplug waits for the guest to
+            # let the device go, which the tiny guest never does: the VM's delete removes it.)
+            assert sysfs(tap, "carrier") == "1"
+        else:
+            cluster.vms.DetachNetworkInterface(vm_pb2.DetachNetworkInterfaceRequest(
+                vm_id=vm_id, interface_id="hot0"))
+            assert links.link_kind(tap) is None
+        delete_and_wait_gone(cluster, vm_id)
+        assert links.link_kind(tap) is None
+    assert own_taps(host_id) == set()
 
 
 def linux_on(linux: LinuxGuest, network: str, kernel_args: str = "") -> vm_pb2.VmConfig:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from agent.network import links
 from agent.network.names import TAP_PREFIX, guest_mac, nic_ids, parse_alias, tap_alias, tap_name
-from agent.runtimes.base import RuntimeFailure
+from agent.runtimes.base import Runtime, RuntimeFailure, positive_int
 from vmm.agent.v1 import agent_pb2
 from vmm.v1 import vm_pb2
 
@@ -32,16 +32,12 @@ class NicPlan:
     bridge: str = ""
 
 
-def multi_queue(nic: vm_pb2.NetworkInterface) -> bool:
-    """Whether the hypervisor will open the TAP with several queues (IFF_MULTI_QUEUE must
-    match between the device and every open of it)."""
-    # QEMU's "queues" counts queue pairs; Cloud Hypervisor's "num_queues" counts rx and tx
-    # queues apart, two per pair.
-    for key, per_pair in (("queues", 1), ("num_queues", 2)):
-        value = nic.options.get(key, "")
-        if value.isdigit() and int(value) > per_pair:
-            return True
-    return False
+def shaped_rate(nic: vm_pb2.NetworkInterface, runtime: Runtime | None) -> int:
+    """Bytes/s the agent limits the TAP to: the NIC's rate_limit_bandwidth, where the
+    hypervisor does not enforce it itself."""
+    if runtime is None or runtime.limits_nic_rate:
+        return 0
+    return positive_int(nic.options.get("rate_limit_bandwidth", "")) or 0
 
 
 class HostNetwork:
@@ -82,10 +78,13 @@ class HostNetwork:
 
     # ---- making and removing ------------------------------------------------------
 
-    def _make(self, vm_id: str, nic: vm_pb2.NetworkInterface, plan: NicPlan) -> None:
+    def _make(self, vm_id: str, nic: vm_pb2.NetworkInterface, plan: NicPlan,
+              runtime: Runtime | None) -> None:
+        queue_pairs = runtime.nic_queue_pairs(nic) if runtime is not None else 1
         spec = links.TapSpec(name=plan.tap, bridge=plan.bridge, mtu=nic.mtu,
-                             owner_uid=self.tap_uid, multi_queue=multi_queue(nic),
-                             alias=tap_alias(self.owner, vm_id, plan.nic_id), vlan=nic.vlan)
+                             owner_uid=self.tap_uid, multi_queue=queue_pairs > 1,
+                             alias=tap_alias(self.owner, vm_id, plan.nic_id), vlan=nic.vlan,
+                             rate_bytes=shaped_rate(nic, runtime))
         try:
             if links.ensure_tap(spec):
                 log.info("made tap %s on %s for vm %s nic %s", plan.tap, plan.bridge, vm_id,
@@ -105,15 +104,15 @@ class HostNetwork:
             out.bridge = plan.bridge
         return out
 
-    def _resolve_sync(self, vm_id: str, config: vm_pb2.VmConfig,
-                      make: bool) -> vm_pb2.VmConfig:
+    def _resolve_sync(self, vm_id: str, config: vm_pb2.VmConfig, make: bool,
+                      runtime: Runtime | None = None) -> vm_pb2.VmConfig:
         resolved = vm_pb2.VmConfig()
         resolved.CopyFrom(config)
         made: list[str] = []
         try:
             for i, plan in enumerate(self.plan(vm_id, config)):
                 if plan.managed and make:
-                    self._make(vm_id, config.network[i], plan)
+                    self._make(vm_id, config.network[i], plan, runtime)
                     made.append(plan.tap)
                 resolved.network[i].CopyFrom(self._resolved(config.network[i], plan))
         except Exception:
@@ -122,21 +121,23 @@ class HostNetwork:
             raise
         return resolved
 
-    async def attach(self, vm_id: str, config: vm_pb2.VmConfig) -> vm_pb2.VmConfig:
-        """Make the VM's managed TAPs; the config the hypervisor is to run, naming them."""
-        return await asyncio.to_thread(self._resolve_sync, vm_id, config, True)
+    async def attach(self, vm_id: str, config: vm_pb2.VmConfig,
+                     runtime: Runtime | None = None) -> vm_pb2.VmConfig:
+        """Make the VM's managed TAPs as the runtime will open them (queues, rate); the
+        config the hypervisor is to run, naming them."""
+        return await asyncio.to_thread(self._resolve_sync, vm_id, config, True, runtime)
 
     async def resolve(self, vm_id: str, config: vm_pb2.VmConfig) -> vm_pb2.VmConfig:
         """The config attach would give, changing nothing (for adopted VMs)."""
         return await asyncio.to_thread(self._resolve_sync, vm_id, config, False)
 
-    async def attach_nic(self, vm_id: str, nic: vm_pb2.NetworkInterface,
-                         index: int) -> vm_pb2.NetworkInterface:
+    async def attach_nic(self, vm_id: str, nic: vm_pb2.NetworkInterface, index: int,
+                         runtime: Runtime | None = None) -> vm_pb2.NetworkInterface:
         """Make one hotplugged NIC's TAP (index: its place among the VM's NICs)."""
         def run() -> vm_pb2.NetworkInterface:
             plan = self._plan(vm_id, nic, nic.id or f"eth{index}")
             if plan.managed:
-                self._make(vm_id, nic, plan)
+                self._make(vm_id, nic, plan, runtime)
             return self._resolved(nic, plan)
         return await asyncio.to_thread(run)
 

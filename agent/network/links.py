@@ -29,6 +29,8 @@ class TapSpec:
     alias: str = ""
     # 0: untagged; else the bridge port's PVID (the bridge must filter VLANs).
     vlan: int = 0
+    # Bytes/s the host sends the guest at most (a token bucket on the TAP's egress); 0: any.
+    rate_bytes: int = 0
 
 
 class LinkError(Exception):
@@ -107,6 +109,10 @@ def ensure_tap(spec: TapSpec) -> bool:
         if spec.vlan:
             ip.vlan_filter("add", index=index,
                            vlan_info={"vid": spec.vlan, "flags": ["pvid", "untagged"]})
+        if spec.rate_bytes:
+            # The bucket holds a tenth of a second's worth (at least a few full frames).
+            ip.tc("replace", "tbf", index, 0x10000, rate=spec.rate_bytes,
+                  burst=max(spec.rate_bytes // 10, 4 * 65536), latency="50ms")
         ip.link("set", index=index, state="up")
         return made
 

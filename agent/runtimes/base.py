@@ -77,6 +77,9 @@ class Runtime(ABC):
     """One backend. Subclasses set `name` (a vmm.features backend name)."""
 
     name: str = ""
+    # Whether the hypervisor enforces a NIC's rate_limit_* options itself; where it does
+    # not, the agent shapes the NIC's TAP on the host instead.
+    limits_nic_rate: bool = True
 
     def __init__(self, binary: str, simulated: bool, settings: RuntimeSettings) -> None:
         self.binary = binary
@@ -154,6 +157,11 @@ class Runtime(ABC):
     async def observe(self, vm: VmDir) -> Observation:
         """The VM's current state, asked of the live hypervisor. Used to adopt VMs after
         an agent restart and to notice crashes. Must not change anything."""
+
+    def nic_queue_pairs(self, nic: vm_pb2.NetworkInterface) -> int:
+        """The queue pairs the hypervisor opens the NIC's TAP with: a TAP with more than
+        one must be made multi-queue (the kernel refuses a mismatched open)."""
+        return 1
 
     async def metrics(self, vm: VmDir) -> vm_pb2.VmMetrics:
         return vm_pb2.VmMetrics()

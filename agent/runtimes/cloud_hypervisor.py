@@ -49,6 +49,7 @@ from agent.runtimes.base import (
     RuntimeSettings,
     find_binary,
     hypervisor_log_tail,
+    positive_int,
 )
 from agent.runtimes.cloud_hypervisor_config import (
     MIB,
@@ -164,6 +165,10 @@ def binary_version(binary: str) -> str:
 
 class CloudHypervisorRuntime(Runtime):
     name = features.CLOUD_HYPERVISOR
+
+    def nic_queue_pairs(self, nic: vm_pb2.NetworkInterface) -> int:
+        # num_queues counts rx and tx queues apart (default 2: one pair).
+        return max(1, (positive_int(nic.options.get("num_queues", "")) or 2) // 2)
 
     def __init__(self, binary: str, simulated: bool, settings: RuntimeSettings) -> None:
         super().__init__(binary, simulated, settings)

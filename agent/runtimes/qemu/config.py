@@ -42,7 +42,8 @@ MAX_MEMORY_BYTES = 1024 * GIB
 HUGEPAGE_SIZES = {"2M": 2 * MIB, "1G": GIB}
 DISK_OPTIONS = ("cache_type", "io_engine", "direct", "num_queues", "queue_size",
                 "rate_limit_bandwidth", "rate_limit_ops")
-NIC_OPTIONS = ("vhost", "num_queues", "socket", "pci_address")
+# rate_limit_bandwidth (bytes/s) is enforced on the host TAP by the agent, not by QEMU.
+NIC_OPTIONS = ("vhost", "num_queues", "socket", "pci_address", "rate_limit_bandwidth")
 # cache_type -> (host page cache bypassed, flushes ignored, guest-visible write cache)
 CACHE_TYPES = {"writeback": (False, False, True), "none": (True, False, True),
                "directsync": (True, False, False), "writethrough": (False, False, False),
@@ -273,7 +274,7 @@ def nic_violations(nic: vm_pb2.NetworkInterface, path: str) -> list[agent_pb2.Fi
         if key not in NIC_OPTIONS:
             violation(f".options[{key}]", f"qemu does not support the network option {key!r} "
                                           f"(it supports: {', '.join(NIC_OPTIONS)})")
-        elif key == "num_queues" and positive_int(value) is None:
+        elif key in ("num_queues", "rate_limit_bandwidth") and positive_int(value) is None:
             violation(f".options[{key}]", f"expected a positive whole number, got {value!r}")
         elif key == "vhost" and value.strip().lower() not in {"true", "false", "on", "off"}:
             violation(f".options[{key}]", f"expected true or false, got {value!r}")

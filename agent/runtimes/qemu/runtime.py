@@ -49,6 +49,7 @@ from agent.runtimes.base import (
     RuntimeSettings,
     find_binary,
     hypervisor_log_tail,
+    positive_int,
 )
 from agent.runtimes.qemu import events, record
 from agent.runtimes.qemu.accel import Accel, choose_accel
@@ -87,6 +88,11 @@ _QUIT_GRACE = 3.0
 
 class QemuRuntime(Runtime):
     name = features.QEMU
+    # QEMU has no bandwidth limit of its own for a NIC: the agent shapes its TAP.
+    limits_nic_rate = False
+
+    def nic_queue_pairs(self, nic: vm_pb2.NetworkInterface) -> int:
+        return positive_int(nic.options.get("num_queues", "")) or 1
 
     def __init__(self, binary: str, simulated: bool = False,
                  settings: RuntimeSettings | None = None, accel: Accel = Accel.AUTO) -> None:
