@@ -1,7 +1,9 @@
-"""Placement by density: the fullest host that still fits wins (bin-packing).
+"""What placement speaks: hosts as the scheduler sees them, a VM's demand, the choice made
+or why none could be.
 
-Pure functions over a snapshot of the fleet; the caller commits the choice with
-an etcd transaction that fails if the host's allocation changed meanwhile.
+Placement is by density (the fullest host that still fits wins); `fleet_index.py` makes the
+choice from memory, and the caller commits it with an etcd transaction that fails if the
+host's allocation changed meanwhile.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from controller.errors import Violation
-from controller.validation import BackendFit, check_backend, human_bytes
+from controller.validation import BackendFit, human_bytes
 from vmm.v1 import host_pb2, vm_pb2
 
 
@@ -80,8 +82,6 @@ class NoPlacement:
 
     # Backend -> why it cannot run the config at all (empty when some backend can).
     backend_violations: dict[str, list[Violation]] = field(default_factory=dict)
-    # Hosts that could run the config but lack room, with their free capacity.
-    full_hosts: list[HostView] = field(default_factory=list)
     offered_backends: set[str] = field(default_factory=set)
     # The host with the most free memory (then vCPUs) among those that could run it.
     roomiest: Room | None = None
@@ -104,57 +104,3 @@ def demand_for(config: vm_pb2.VmConfig, reserve_max: bool) -> Demand:
         vcpus = max(vcpus, config.cpu.max_vcpu_count)
         memory = max(memory, config.memory.max_size_bytes)
     return Demand(vcpus, memory)
-
-
-def place(config: vm_pb2.VmConfig, hosts: list[HostView], backend: str = "",
-          host_id: str = "", preference: tuple[str, ...] = (),
-          demand_of: dict[str, Demand] | None = None) -> Choice | NoPlacement:
-    """Pick (host, backend) for a config.
-
-    demand_of gives the demand per backend (a backend that ignores max_vcpu_count
-    does not reserve it); preference orders backends when density ties.
-    """
-    demand_of = demand_of or {}
-    why = NoPlacement()
-    candidates: list[tuple[float, tuple[bool, int], Choice]] = []
-    fits: dict[str, BackendFit] = {}
-    for host in hosts:
-        if not host.ready or (host_id and host.host_id != host_id):
-            continue
-        for name, offered in host.backends.items():
-            if backend and name != backend:
-                continue
-            why.offered_backends.add(name)
-            fit = fits.get(name) or check_backend(config, offered.capabilities)
-            fits[name] = fit
-            if not fit.ok:
-                why.backend_violations[name] = fit.violations
-                continue
-            need = demand_of.get(name) or demand_for(config, reserve_max=False)
-            if need.vcpus > host.free_vcpus or need.memory > host.free_memory:
-                if host not in why.full_hosts:
-                    why.full_hosts.append(host)
-                continue
-            rank = preference.index(name) if name in preference else len(preference)
-            candidates.append((host.utilisation_after(need.vcpus, need.memory),
-                               (offered.simulated, rank), Choice(host, offered, fit, need)))
-    if not candidates:
-        if any(f.ok for f in fits.values()):
-            why.backend_violations.clear()
-        return why
-    if not backend and any(not c[2].fit.warnings for c in candidates):
-        # Unless the caller named a backend, one that honours every field the config sets
-        # (max_vcpu_count for hotplug, say) wins over one that would ignore some.
-        candidates = [c for c in candidates if not c[2].fit.warnings]
-    # Densest first; among equals a real hypervisor before a simulator, then the
-    # preferred backend, then the stable host id.
-    candidates.sort(key=lambda c: (-c[0], c[1], c[2].host.host_id))
-    return candidates[0][2]
-
-
-def best_free(hosts: list[HostView]) -> HostView | None:
-    """The host with the most free capacity, for RESOURCE_EXHAUSTED messages."""
-    if not hosts:
-        return None
-    return max(hosts, key=lambda h: (h.free_memory, h.free_vcpus))
-
