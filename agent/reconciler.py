@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 
-from agent import process
+from agent import process, restarts
 from agent.guest_panic import PANIC_REASON, PanicScanner
 from agent.host_paths import HostPathPolicy
 from agent.network.guest import with_ip_args
@@ -73,6 +74,9 @@ class Reconciler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._monitor: asyncio.Task[None] | None = None
         self.panics = PanicScanner()
+        # Restarts the VMs' restart policies have scheduled, and those under way.
+        self._restart_timers: dict[str, asyncio.Task[None]] = {}
+        self._restarting: set[str] = set()
 
     def lock(self, vm_id: str) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())
@@ -100,6 +104,9 @@ class Reconciler:
                 status, stray = await self._adopt(vm, desired)
             if stray:
                 unproven.append(vm)
+            saved = vm.load_status()
+            # The restart count is the VM's, not this agent run's.
+            self._apply_restart_policy(vm.vm_id, saved, status)
             self.status[vm.vm_id] = status
             vm.save_status(status)
             log.info("adopted vm %s: %s pid %d, generation %d", vm.vm_id, S.Name(status.state),
@@ -196,8 +203,9 @@ class Reconciler:
                 failpoints.hit("agent.desired.saved", vm_id)
             last = self.status.get(vm_id)
             if last is not None and last.observed_generation == desired.generation \
-                    and (last.error or last.state == S.VM_STATE_FAILED):
-                # A failed generation waits for the controller's next one.
+                    and (last.error or last.state == S.VM_STATE_FAILED) \
+                    and vm_id not in self._restarting:
+                # A failed generation waits for the controller's next one (or a restart).
                 self._publish(vm, last)
                 return
             runtime = self.runtimes.get(desired.backend)
@@ -374,6 +382,7 @@ class Reconciler:
         return status
 
     def _publish(self, vm: VmDir, status: agent_pb2.VmStatus) -> None:
+        self._apply_restart_policy(vm.vm_id, self.status.get(vm.vm_id), status)
         changed = self.status.get(vm.vm_id) != status
         self.status[vm.vm_id] = status
         # Report first: the controller's caller waits on it, and the file only helps a
@@ -382,6 +391,51 @@ class Reconciler:
         if changed and vm.exists():
             vm.save_status(status)
             failpoints.hit("agent.status.saved", vm.vm_id)
+
+    # ---- restart policy -------------------------------------------------------------
+
+    def _apply_restart_policy(self, vm_id: str, previous: agent_pb2.VmStatus | None,
+                              status: agent_pb2.VmStatus) -> None:
+        """Carry the restart count into a new status; on a new failure, decide the next
+        restart (see agent.restarts) and schedule it."""
+        if previous is not None and previous.HasField("restart") \
+                and not status.HasField("restart"):
+            status.restart.CopyFrom(previous.restart)
+        # The first status after a restart starts afresh, whatever it is.
+        restarted = vm_id in self._restarting
+        self._restarting.discard(vm_id)
+        desired = self.desired.get(vm_id)
+        if status.state != S.VM_STATE_FAILED or desired is None \
+                or desired.power_state not in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED) \
+                or not restarts.restarts_on_failure(desired.config.restart_policy):
+            return
+        if restarted or previous is None or previous.state != S.VM_STATE_FAILED:
+            policy = desired.config.restart_policy
+            status.restart.CopyFrom(restarts.after_failure(policy, status.restart, time.time()))
+            log.info("vm %s: %s", vm_id, restarts.describe(policy, status.restart),
+                     extra={"vm_id": vm_id})
+        if status.restart.next_restart_timestamp and vm_id not in self._restart_timers:
+            self._restart_timers[vm_id] = timer = asyncio.create_task(
+                self._restart_when_due(vm_id, status.restart.next_restart_timestamp))
+            self._tasks.add(timer)
+            timer.add_done_callback(self._tasks.discard)
+
+    async def _restart_when_due(self, vm_id: str, due: float) -> None:
+        try:
+            await asyncio.sleep(max(0.0, due - time.time()))
+        finally:
+            self._restart_timers.pop(vm_id, None)
+        async with self.lock(vm_id):
+            last = self.status.get(vm_id)
+            if last is None or last.state != S.VM_STATE_FAILED or vm_id not in self.desired:
+                return  # booted, stopped or deleted meanwhile
+            last.restart.attempts += 1
+            last.restart.next_restart_timestamp = 0
+            self.state.vm(vm_id).save_status(last)  # counted before it is tried
+            self._restarting.add(vm_id)
+            log.info("vm %s: restart %d by its restart policy", vm_id, last.restart.attempts,
+                     extra={"vm_id": vm_id})
+        await self.reconcile(vm_id)
 
     async def _remove(self, vm_id: str, force: bool) -> None:
         async with self.lock(vm_id):
@@ -404,6 +458,8 @@ class Reconciler:
             failpoints.hit("agent.vm.removed", vm_id)
             self.status.pop(vm_id, None)
             self.panics.forget(vm_id)
+            if timer := self._restart_timers.pop(vm_id, None):
+                timer.cancel()
             self._saved.pop(vm_id, None)
             log.info("removed vm %s", vm_id, extra={"vm_id": vm_id})
             self.report(agent_pb2.VmStatus(vm_id=vm_id, removed=True, backend=backend))

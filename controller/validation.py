@@ -189,6 +189,20 @@ def check_config(config: vm_pb2.VmConfig, prefix: str = "config") -> list[Violat
         out.extend(check_path(config.boot.initrd_path, f"{prefix}.boot.initrd_path"))
     out.extend(check_storage(config.storage, f"{prefix}.storage"))
     out.extend(check_network(config.network, f"{prefix}.network"))
+    out.extend(check_restart_policy(config.restart_policy, f"{prefix}.restart_policy"))
+    return out
+
+
+def check_restart_policy(policy: vm_pb2.RestartPolicy, prefix: str) -> list[Violation]:
+    out: list[Violation] = []
+    if policy.mode not in vm_pb2.RestartMode.values():
+        out.append(Violation(f"{prefix}.mode", f"unknown restart mode {policy.mode}"))
+    for name in ("attempts", "interval_seconds", "delay_seconds", "max_delay_seconds"):
+        if getattr(policy, name) < 0:
+            out.append(Violation(f"{prefix}.{name}", "must not be negative"))
+    if 0 < policy.backoff_multiplier < 1 or policy.backoff_multiplier < 0:
+        out.append(Violation(f"{prefix}.backoff_multiplier",
+                             "must be at least 1 (or 0 for the default, 2)"))
     return out
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from agent.console import ConsoleRelay
@@ -24,6 +26,8 @@ from agent.runtimes.base import Runtime, RuntimeSettings
 from agent.runtimes.firecracker import FirecrackerRuntime
 from agent.vm_dir import StateDir
 from tests.conftest import FAKE_KERNEL
+from tests.test_host_paths import violations
+from tools.fleet.cluster import Cluster, wait_until
 from tools.guests.images import TINY_GUEST_PANIC_LINE, GuestBuildError, TinyGuest, tiny_guest
 from vmm.agent.v1 import agent_pb2
 from vmm.v1 import vm_pb2
@@ -172,3 +176,57 @@ async def test_firecracker_guest_panic_is_failed_with_the_panic_and_the_guests_c
     vm = agent.reconciler.state.vm("fc-panic")
     await eventually(lambda: backend.runtime.live_process(vm) is None
                      and not vm.api_socket.exists(), "firecracker and its socket to be gone")
+
+
+# ---- restart policy ------------------------------------------------------------------------
+
+
+def vm_info(cluster: Cluster, vm_id: str) -> vm_pb2.GetVmInfoResponse:
+    return cluster.vms.GetVmInfo(vm_pb2.GetVmInfoRequest(vm_id=vm_id))
+
+
+def restart_when(cluster: Cluster, vm_id: str, what: str,
+                 check: Callable[[vm_pb2.RestartStatus], bool]) -> vm_pb2.GetVmInfoResponse:
+    found = wait_until(lambda: (i := vm_info(cluster, vm_id)).state == S.VM_STATE_FAILED
+                       and check(i.restart) and i, timeout=PATIENCE, interval=0.02, what=what)
+    assert isinstance(found, vm_pb2.GetVmInfoResponse)
+    return found
+
+
+def test_restart_policy_restarts_a_failed_vm_with_backoff_counting_across_agent_restarts(
+        cluster: Cluster, tmp_path: Path) -> None:
+    agent = cluster.add_agent("h1", extra=["--force-simulator", "true"])
+    # A guest that panics at every boot: its root device does not exist.
+    config = vm_pb2.VmConfig(
+        cpu=vm_pb2.CpuConfig(vcpu_count=1), memory=vm_pb2.MemoryConfig(size_bytes=128 * MIB),
+        boot=vm_pb2.BootConfig(kernel_path=str(fake_linux_kernel(tmp_path)),
+                               kernel_args="console=ttyS0 reboot=k root=/dev/vda"),
+        restart_policy=vm_pb2.RestartPolicy(
+            mode=vm_pb2.RESTART_MODE_ON_FAILURE, attempts=2, interval_seconds=3600,
+            delay_seconds=0.5, backoff_multiplier=2))
+    bad = vm_pb2.VmConfig()
+    bad.CopyFrom(config)
+    bad.restart_policy.backoff_multiplier = 0.5
+    with pytest.raises(grpc.RpcError) as refused:
+        cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="bad-policy", config=bad))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "config.restart_policy.backoff_multiplier" in violations(refused.value)
+
+    cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="crashy", config=config))
+    cluster.vms.BootVm(vm_pb2.BootVmRequest(vm_id="crashy"))
+    first = restart_when(cluster, "crashy", "the first restart to be scheduled",
+                         lambda r: r.next_restart_timestamp > 0 and r.attempts == 0)
+    assert first.state_reason.startswith(SIM_PANIC)
+    assert first.restart.backoff_seconds == 0.5
+    second = restart_when(cluster, "crashy", "the second restart to be scheduled",
+                          lambda r: r.next_restart_timestamp > 0 and r.attempts == 1)
+    assert second.restart.backoff_seconds == 1  # the delay, then twice as long
+
+    # The agent dies while the restart waits; the count is the VM's, not the agent's.
+    agent.signal(signal.SIGKILL)
+    agent.start()
+    cluster.wait_host_ready("h1")
+    final = restart_when(cluster, "crashy", "the policy's attempts to be used up",
+                         lambda r: r.exhausted)
+    assert final.restart.attempts == 2 and final.restart.next_restart_timestamp == 0
+    assert final.state_reason.startswith(SIM_PANIC)

@@ -134,6 +134,13 @@ class FakeVmService(vm_pb2_grpc.VmServiceServicer):
         self._record(request, context)
         if request.vm_id == "etcd-down":
             context.abort(grpc.StatusCode.UNAVAILABLE, "the store is unreachable")
+        if request.vm_id == "crashy":
+            return vm_pb2.GetVmInfoResponse(
+                vm_id="crashy", state=vm_pb2.VM_STATE_FAILED, state_reason="guest kernel panic",
+                config=vm_pb2.VmConfig(restart_policy=vm_pb2.RestartPolicy(
+                    mode=vm_pb2.RESTART_MODE_ON_FAILURE, attempts=3, interval_seconds=600)),
+                restart=vm_pb2.RestartStatus(attempts=1, next_restart_timestamp=1767225602,
+                                             backoff_seconds=2))
         if request.vm_id != "vm-1":
             context.abort(grpc.StatusCode.NOT_FOUND, f"vm {request.vm_id!r} not found")
         return vm_pb2.GetVmInfoResponse(
@@ -477,6 +484,15 @@ def test_output_option_is_accepted_after_the_command(
     assert result.exit_code == 0, result.output
     listed = json.loads(result.stdout)
     assert [vm["vm_id"] for vm in listed["vms"]][:1] == [FLEET[0].vm_id]
+
+
+def test_get_shows_the_restart_policys_count_and_next_restart(
+        server: str, fake: FakeVmService) -> None:
+    result = run(server, "get", "crashy")
+
+    assert result.exit_code == 0, result.output
+    assert "1 of 3 within 600s (on failure), next at 2026-01-01 00:00:02 UTC (backoff 2s)" \
+        in " ".join(result.stdout.split())
 
 
 def test_get_table_shows_reason_placement_metrics_and_backend_info(

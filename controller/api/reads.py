@@ -50,6 +50,7 @@ class ReadRpcs:
             generation=record.generation, observed_generation=record.status.observed_generation,
             created_timestamp=record.created_timestamp,
             modified_timestamp=record.modified_timestamp,
+            restart=record.status.restart,
             network_interfaces=record.status.network_interfaces,
             namespace=namespace_of(record))
 

@@ -233,6 +233,8 @@ def vm_detail(info: vm_pb2.GetVmInfoResponse, now: float | None = None) -> Rende
         rows.append(("Initrd", _plain(config.boot.initrd_path)))
     if config.boot.kernel_args:
         rows.append(("Kernel args", _plain(config.boot.kernel_args)))
+    if config.restart_policy.mode == vm_pb2.RESTART_MODE_ON_FAILURE:
+        rows.append(("Restarts", _plain(restart_text(config.restart_policy, info.restart))))
     parts: list[RenderableType] = [_key_values(rows)]
     if config.storage:
         parts += [Text("\nDisks", style="bold"), _disk_table(config.storage)]
@@ -246,6 +248,19 @@ def vm_detail(info: vm_pb2.GetVmInfoResponse, now: float | None = None) -> Rende
     if info.backend_info:
         parts += [Text("\nBackend info", style="bold"), _string_map(info.backend_info)]
     return Group(*parts)
+
+
+def restart_text(policy: vm_pb2.RestartPolicy, restart: vm_pb2.RestartStatus) -> str:
+    """e.g. "1 of 3 within 600s, next at 12:00:01 (backoff 2s)"."""
+    limit = f" of {policy.attempts}" if policy.attempts else ""
+    window = f" within {policy.interval_seconds}s" if policy.interval_seconds else ""
+    text = f"{restart.attempts}{limit}{window} (on failure)"
+    if restart.next_restart_timestamp:
+        text += (f", next at {format_time(restart.next_restart_timestamp)} "
+                 f"(backoff {restart.backoff_seconds:g}s)")
+    elif restart.exhausted:
+        text += ", used up: the VM stays FAILED"
+    return text
 
 
 def _vcpu_text(cpu: vm_pb2.CpuConfig) -> str:

@@ -57,6 +57,25 @@ VM_STATE_UNKNOWN: VmState.ValueType  # 6
 """Additive: the VM's host has stopped reporting."""
 Global___VmState: _TypeAlias = VmState  # noqa: Y015
 
+class _RestartMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RestartModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RestartMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESTART_MODE_UNSPECIFIED: _RestartMode.ValueType  # 0
+    """As NEVER."""
+    RESTART_MODE_NEVER: _RestartMode.ValueType  # 1
+    RESTART_MODE_ON_FAILURE: _RestartMode.ValueType  # 2
+
+class RestartMode(_RestartMode, metaclass=_RestartModeEnumTypeWrapper): ...
+
+RESTART_MODE_UNSPECIFIED: RestartMode.ValueType  # 0
+"""As NEVER."""
+RESTART_MODE_NEVER: RestartMode.ValueType  # 1
+RESTART_MODE_ON_FAILURE: RestartMode.ValueType  # 2
+Global___RestartMode: _TypeAlias = RestartMode  # noqa: Y015
+
 class _VmEventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -137,6 +156,7 @@ class VmConfig(_message.Message):
     NETWORK_FIELD_NUMBER: _builtins.int
     CONSOLE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    RESTART_POLICY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cpu(self) -> Global___CpuConfig: ...
     @_builtins.property
@@ -151,6 +171,10 @@ class VmConfig(_message.Message):
     def console(self) -> Global___ConsoleConfig: ...
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def restart_policy(self) -> Global___RestartPolicy:
+        """Additive: what the VM's agent does when the VM fails."""
+
     def __init__(
         self,
         *,
@@ -161,14 +185,99 @@ class VmConfig(_message.Message):
         network: _abc.Iterable[Global___NetworkInterface] | None = ...,
         console: Global___ConsoleConfig | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        restart_policy: Global___RestartPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["boot", b"boot", "console", b"console", "cpu", b"cpu", "memory", b"memory"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["boot", b"boot", "console", b"console", "cpu", b"cpu", "memory", b"memory", "restart_policy", b"restart_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot", b"boot", "console", b"console", "cpu", b"cpu", "memory", b"memory", "metadata", b"metadata", "network", b"network", "storage", b"storage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot", b"boot", "console", b"console", "cpu", b"cpu", "memory", b"memory", "metadata", b"metadata", "network", b"network", "restart_policy", b"restart_policy", "storage", b"storage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VmConfig: _TypeAlias = VmConfig  # noqa: Y015
+
+@_typing.final
+class RestartPolicy(_message.Message):
+    """Additive. When a VM fails (its hypervisor dies, its guest panics or never becomes
+    ready) while it should run, its agent may boot it again, as Nomad's restart block does.
+    The agent keeps the count in the VM's state, so it survives agent restarts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    MAX_DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    mode: Global___RestartMode.ValueType
+    attempts: _builtins.int
+    """Restarts allowed within interval_seconds (ON_FAILURE); 0 means no limit."""
+    interval_seconds: _builtins.int
+    """The window attempts are counted in, from the first restart of the window; 0 means the
+    VM's whole life.
+    """
+    delay_seconds: _builtins.float
+    """Wait before the first restart of a window; 0 means at once."""
+    backoff_multiplier: _builtins.float
+    """Each further restart waits this many times longer than the one before; 0 means 2."""
+    max_delay_seconds: _builtins.float
+    """No wait is longer than this; 0 means no cap."""
+    def __init__(
+        self,
+        *,
+        mode: Global___RestartMode.ValueType = ...,
+        attempts: _builtins.int = ...,
+        interval_seconds: _builtins.int = ...,
+        delay_seconds: _builtins.float = ...,
+        backoff_multiplier: _builtins.float = ...,
+        max_delay_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backoff_multiplier", b"backoff_multiplier", "delay_seconds", b"delay_seconds", "interval_seconds", b"interval_seconds", "max_delay_seconds", b"max_delay_seconds", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartPolicy: _TypeAlias = RestartPolicy  # noqa: Y015
+
+@_typing.final
+class RestartStatus(_message.Message):
+    """Additive: how a VM's restart policy has been applied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_RESTART_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    BACKOFF_SECONDS_FIELD_NUMBER: _builtins.int
+    WINDOW_START_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    EXHAUSTED_FIELD_NUMBER: _builtins.int
+    attempts: _builtins.int
+    """Restarts made in the current window."""
+    next_restart_timestamp: _builtins.int
+    """Unix time, seconds, of the restart that is due; 0 when none is."""
+    backoff_seconds: _builtins.float
+    """The wait chosen for that restart (the backoff), in seconds."""
+    window_start_timestamp: _builtins.int
+    """Unix time, seconds, the current window started."""
+    exhausted: _builtins.bool
+    """True once the attempts of the window are used up: the VM stays FAILED."""
+    def __init__(
+        self,
+        *,
+        attempts: _builtins.int = ...,
+        next_restart_timestamp: _builtins.int = ...,
+        backoff_seconds: _builtins.float = ...,
+        window_start_timestamp: _builtins.int = ...,
+        exhausted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backoff_seconds", b"backoff_seconds", "exhausted", b"exhausted", "next_restart_timestamp", b"next_restart_timestamp", "window_start_timestamp", b"window_start_timestamp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartStatus: _TypeAlias = RestartStatus  # noqa: Y015
 
 @_typing.final
 class CpuConfig(_message.Message):
@@ -928,6 +1037,7 @@ class GetVmInfoResponse(_message.Message):
     MODIFIED_TIMESTAMP_FIELD_NUMBER: _builtins.int
     NETWORK_INTERFACES_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
+    RESTART_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     state: Global___VmState.ValueType
     state_reason: _builtins.str
@@ -952,6 +1062,10 @@ class GetVmInfoResponse(_message.Message):
     def network_interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___NetworkInterfaceStatus]:
         """Additive: each NIC's TAP, MAC, address and network, as its host reports them."""
 
+    @_builtins.property
+    def restart(self) -> Global___RestartStatus:
+        """Additive: the restart policy's count and the next restart, when it has one."""
+
     def __init__(
         self,
         *,
@@ -969,10 +1083,11 @@ class GetVmInfoResponse(_message.Message):
         modified_timestamp: _builtins.int = ...,
         network_interfaces: _abc.Iterable[Global___NetworkInterfaceStatus] | None = ...,
         namespace: _builtins.str = ...,
+        restart: Global___RestartStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "metrics", b"metrics", "placement", b"placement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "metrics", b"metrics", "placement", b"placement", "restart", b"restart"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_info", b"backend_info", "config", b"config", "created_timestamp", b"created_timestamp", "desired_state", b"desired_state", "generation", b"generation", "metrics", b"metrics", "modified_timestamp", b"modified_timestamp", "namespace", b"namespace", "network_interfaces", b"network_interfaces", "observed_generation", b"observed_generation", "placement", b"placement", "state", b"state", "state_reason", b"state_reason", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_info", b"backend_info", "config", b"config", "created_timestamp", b"created_timestamp", "desired_state", b"desired_state", "generation", b"generation", "metrics", b"metrics", "modified_timestamp", b"modified_timestamp", "namespace", b"namespace", "network_interfaces", b"network_interfaces", "observed_generation", b"observed_generation", "placement", b"placement", "restart", b"restart", "state", b"state", "state_reason", b"state_reason", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

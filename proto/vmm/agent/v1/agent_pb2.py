@@ -26,7 +26,7 @@ from vmm.v1 import host_pb2 as vmm_dot_v1_dot_host__pb2
 from vmm.v1 import vm_pb2 as vmm_dot_v1_dot_vm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vmm/agent/v1/agent.proto\x12\x0cvmm.agent.v1\x1a\x11vmm/v1/host.proto\x1a\x0fvmm/v1/vm.proto\"\xc8\x01\n\x0e\x43onnectRequest\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.vmm.agent.v1.RegisterH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.vmm.agent.v1.HeartbeatH\x00\x12+\n\tvm_status\x18\x03 \x01(\x0b\x32\x16.vmm.agent.v1.VmStatusH\x00\x12$\n\x05reply\x18\x04 \x01(\x0b\x32\x13.vmm.agent.v1.ReplyH\x00\x42\t\n\x07message\"\xe4\x02\n\x08Register\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12#\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x11.vmm.v1.Resources\x12\x1c\n\x14\x63pu_overcommit_ratio\x18\x04 \x01(\x01\x12\x1f\n\x17memory_overcommit_ratio\x18\x05 \x01(\x01\x12!\n\x08\x62\x61\x63kends\x18\x06 \x03(\x0b\x32\x0f.vmm.v1.Backend\x12#\n\x03vms\x18\x07 \x03(\x0b\x32\x16.vmm.agent.v1.VmStatus\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x32\n\x06labels\x18\t \x03(\x0b\x32\".vmm.agent.v1.Register.LabelsEntry\x12\x0f\n\x07\x62ridges\x18( \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x01\n\tHeartbeat\x12\"\n\x06health\x18\x01 \x01(\x0e\x32\x12.vmm.v1.HostHealth\x12\x15\n\rhealth_detail\x18\x02 \x01(\t\x12$\n\x07metrics\x18\x03 \x01(\x0b\x32\x13.vmm.v1.HostMetrics\x12#\n\x03vms\x18\x04 \x03(\x0b\x32\x16.vmm.agent.v1.VmStatus\"\xc3\x03\n\x08VmStatus\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x1b\n\x13observed_generation\x18\x02 \x01(\x03\x12\x1e\n\x05state\x18\x03 \x01(\x0e\x32\x0f.vmm.v1.VmState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12\"\n\x07metrics\x18\x08 \x01(\x0b\x32\x11.vmm.v1.VmMetrics\x12=\n\x0c\x62\x61\x63kend_info\x18\t \x03(\x0b\x32\'.vmm.agent.v1.VmStatus.BackendInfoEntry\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x14\n\x0creboot_epoch\x18\x0b \x01(\x03\x12 \n\x06\x63onfig\x18\x0c \x01(\x0b\x32\x10.vmm.v1.VmConfig\x12\x0f\n\x07removed\x18\r \x01(\x08\x12:\n\x12network_interfaces\x18( \x03(\x0b\x32\x1e.vmm.v1.NetworkInterfaceStatus\x1a\x32\n\x10\x42\x61\x63kendInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x02\n\x0f\x43onnectResponse\x12\x33\n\rdesired_state\x18\x01 \x01(\x0b\x32\x1a.vmm.agent.v1.DesiredStateH\x00\x12-\n\ndesired_vm\x18\x02 \x01(\x0b\x32\x17.vmm.agent.v1.DesiredVmH\x00\x12+\n\tremove_vm\x18\x03 \x01(\x0b\x32\x16.vmm.agent.v1.RemoveVmH\x00\x12(\n\x07request\x18\x04 \x01(\x0b\x32\x15.vmm.agent.v1.RequestH\x00\x12=\n\x12heartbeat_settings\x18\x05 \x01(\x0b\x32\x1f.vmm.agent.v1.HeartbeatSettingsH\x00\x42\t\n\x07message\"F\n\x11HeartbeatSettings\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"4\n\x0c\x44\x65siredState\x12$\n\x03vms\x18\x01 \x03(\x0b\x32\x17.vmm.agent.v1.DesiredVm\"8\n\x0eShutdownPolicy\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x05\"\xe3\x01\n\tDesiredVm\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12 \n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x10.vmm.v1.VmConfig\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12$\n\x0bpower_state\x18\x05 \x01(\x0e\x32\x0f.vmm.v1.VmState\x12.\n\x08shutdown\x18\x06 \x01(\x0b\x32\x1c.vmm.agent.v1.ShutdownPolicy\x12\x14\n\x0creboot_epoch\x18\x07 \x01(\x03\x12\x14\n\x0c\x66orce_reboot\x18\x08 \x01(\x08\"(\n\x08RemoveVm\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\xb0\x02\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x33\n\tpreflight\x18\x02 \x01(\x0b\x32\x1e.vmm.agent.v1.PreflightRequestH\x00\x12\x36\n\x0b\x63onsole_log\x18\x03 \x01(\x0b\x32\x1f.vmm.agent.v1.ConsoleLogRequestH\x00\x12<\n\x0e\x63onsole_stream\x18\x04 \x01(\x0b\x32\".vmm.agent.v1.ConsoleStreamRequestH\x00\x12-\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x1b.vmm.agent.v1.CancelRequestH\x00\x12/\n\x07hotplug\x18\x06 \x01(\x0b\x32\x1c.vmm.agent.v1.HotplugRequestH\x00\x42\x06\n\x04kind\"T\n\x10PreflightRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12 \n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x10.vmm.v1.VmConfig\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"]\n\x11\x43onsoleLogRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\x05\x12%\n\x06source\x18\x03 \x01(\x0e\x32\x15.vmm.v1.ConsoleSource\"`\n\x14\x43onsoleStreamRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\x05\x12%\n\x06source\x18\x03 \x01(\x0e\x32\x15.vmm.v1.ConsoleSource\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xdf\x01\n\x0eHotplugRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12)\n\x06resize\x18\x02 \x01(\x0b\x32\x17.vmm.v1.ResizeVmRequestH\x00\x12,\n\x0b\x61ttach_disk\x18\x03 \x01(\x0b\x32\x15.vmm.v1.StorageDeviceH\x00\x12\x15\n\x0b\x64\x65tach_disk\x18\x04 \x01(\tH\x00\x12.\n\nattach_nic\x18\x05 \x01(\x0b\x32\x18.vmm.v1.NetworkInterfaceH\x00\x12\x14\n\ndetach_nic\x18\x06 \x01(\tH\x00\x42\x08\n\x06\x63hange\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xa4\x02\n\x05Reply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x30\n\nviolations\x18\x04 \x03(\x0b\x32\x1c.vmm.agent.v1.FieldViolation\x12\x35\n\x0b\x63onsole_log\x18\x05 \x01(\x0b\x32\x1e.vmm.agent.v1.ConsoleLogResultH\x00\x12\x33\n\rconsole_chunk\x18\x06 \x01(\x0b\x32\x1a.vmm.agent.v1.ConsoleChunkH\x00\x12.\n\x07hotplug\x18\x07 \x01(\x0b\x32\x1b.vmm.agent.v1.HotplugResultH\x00\x12\x0c\n\x04more\x18\x08 \x01(\x08\x42\x08\n\x06result\"3\n\x10\x43onsoleLogResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"\x1c\n\x0c\x43onsoleChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"Q\n\rHotplugResult\x12 \n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x10.vmm.v1.VmConfig\x12\x1e\n\x05state\x18\x02 \x01(\x0e\x32\x0f.vmm.v1.VmState2Z\n\x0c\x41gentService\x12J\n\x07\x43onnect\x12\x1c.vmm.agent.v1.ConnectRequest\x1a\x1d.vmm.agent.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vmm/agent/v1/agent.proto\x12\x0cvmm.agent.v1\x1a\x11vmm/v1/host.proto\x1a\x0fvmm/v1/vm.proto\"\xc8\x01\n\x0e\x43onnectRequest\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.vmm.agent.v1.RegisterH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.vmm.agent.v1.HeartbeatH\x00\x12+\n\tvm_status\x18\x03 \x01(\x0b\x32\x16.vmm.agent.v1.VmStatusH\x00\x12$\n\x05reply\x18\x04 \x01(\x0b\x32\x13.vmm.agent.v1.ReplyH\x00\x42\t\n\x07message\"\xe4\x02\n\x08Register\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12#\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x11.vmm.v1.Resources\x12\x1c\n\x14\x63pu_overcommit_ratio\x18\x04 \x01(\x01\x12\x1f\n\x17memory_overcommit_ratio\x18\x05 \x01(\x01\x12!\n\x08\x62\x61\x63kends\x18\x06 \x03(\x0b\x32\x0f.vmm.v1.Backend\x12#\n\x03vms\x18\x07 \x03(\x0b\x32\x16.vmm.agent.v1.VmStatus\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x32\n\x06labels\x18\t \x03(\x0b\x32\".vmm.agent.v1.Register.LabelsEntry\x12\x0f\n\x07\x62ridges\x18( \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x01\n\tHeartbeat\x12\"\n\x06health\x18\x01 \x01(\x0e\x32\x12.vmm.v1.HostHealth\x12\x15\n\rhealth_detail\x18\x02 \x01(\t\x12$\n\x07metrics\x18\x03 \x01(\x0b\x32\x13.vmm.v1.HostMetrics\x12#\n\x03vms\x18\x04 \x03(\x0b\x32\x16.vmm.agent.v1.VmStatus\"\xeb\x03\n\x08VmStatus\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x1b\n\x13observed_generation\x18\x02 \x01(\x03\x12\x1e\n\x05state\x18\x03 \x01(\x0e\x32\x0f.vmm.v1.VmState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12\"\n\x07metrics\x18\x08 \x01(\x0b\x32\x11.vmm.v1.VmMetrics\x12=\n\x0c\x62\x61\x63kend_info\x18\t \x03(\x0b\x32\'.vmm.agent.v1.VmStatus.BackendInfoEntry\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x14\n\x0creboot_epoch\x18\x0b \x01(\x03\x12 \n\x06\x63onfig\x18\x0c \x01(\x0b\x32\x10.vmm.v1.VmConfig\x12\x0f\n\x07removed\x18\r \x01(\x08\x12:\n\x12network_interfaces\x18( \x03(\x0b\x32\x1e.vmm.v1.NetworkInterfaceStatus\x12&\n\x07restart\x18\x32 \x01(\x0b\x32\x15.vmm.v1.RestartStatus\x1a\x32\n\x10\x42\x61\x63kendInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x02\n\x0f\x43onnectResponse\x12\x33\n\rdesired_state\x18\x01 \x01(\x0b\x32\x1a.vmm.agent.v1.DesiredStateH\x00\x12-\n\ndesired_vm\x18\x02 \x01(\x0b\x32\x17.vmm.agent.v1.DesiredVmH\x00\x12+\n\tremove_vm\x18\x03 \x01(\x0b\x32\x16.vmm.agent.v1.RemoveVmH\x00\x12(\n\x07request\x18\x04 \x01(\x0b\x32\x15.vmm.agent.v1.RequestH\x00\x12=\n\x12heartbeat_settings\x18\x05 \x01(\x0b\x32\x1f.vmm.agent.v1.HeartbeatSettingsH\x00\x42\t\n\x07message\"F\n\x11HeartbeatSettings\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"4\n\x0c\x44\x65siredState\x12$\n\x03vms\x18\x01 \x03(\x0b\x32\x17.vmm.agent.v1.DesiredVm\"8\n\x0eShutdownPolicy\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x05\"\xe3\x01\n\tDesiredVm\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12 \n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x10.vmm.v1.VmConfig\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12$\n\x0bpower_state\x18\x05 \x01(\x0e\x32\x0f.vmm.v1.VmState\x12.\n\x08shutdown\x18\x06 \x01(\x0b\x32\x1c.vmm.agent.v1.ShutdownPolicy\x12\x14\n\x0creboot_epoch\x18\x07 \x01(\x03\x12\x14\n\x0c\x66orce_reboot\x18\x08 \x01(\x08\"(\n\x08RemoveVm\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\xb0\x02\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x33\n\tpreflight\x18\x02 \x01(\x0b\x32\x1e.vmm.agent.v1.PreflightRequestH\x00\x12\x36\n\x0b\x63onsole_log\x18\x03 \x01(\x0b\x32\x1f.vmm.agent.v1.ConsoleLogRequestH\x00\x12<\n\x0e\x63onsole_stream\x18\x04 \x01(\x0b\x32\".vmm.agent.v1.ConsoleStreamRequestH\x00\x12-\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x1b.vmm.agent.v1.CancelRequestH\x00\x12/\n\x07hotplug\x18\x06 \x01(\x0b\x32\x1c.vmm.agent.v1.HotplugRequestH\x00\x42\x06\n\x04kind\"T\n\x10PreflightRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12 \n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x10.vmm.v1.VmConfig\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"]\n\x11\x43onsoleLogRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\x05\x12%\n\x06source\x18\x03 \x01(\x0e\x32\x15.vmm.v1.ConsoleSource\"`\n\x14\x43onsoleStreamRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\x05\x12%\n\x06source\x18\x03 \x01(\x0e\x32\x15.vmm.v1.ConsoleSource\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xdf\x01\n\x0eHotplugRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12)\n\x06resize\x18\x02 \x01(\x0b\x32\x17.vmm.v1.ResizeVmRequestH\x00\x12,\n\x0b\x61ttach_disk\x18\x03 \x01(\x0b\x32\x15.vmm.v1.StorageDeviceH\x00\x12\x15\n\x0b\x64\x65tach_disk\x18\x04 \x01(\tH\x00\x12.\n\nattach_nic\x18\x05 \x01(\x0b\x32\x18.vmm.v1.NetworkInterfaceH\x00\x12\x14\n\ndetach_nic\x18\x06 \x01(\tH\x00\x42\x08\n\x06\x63hange\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xa4\x02\n\x05Reply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x30\n\nviolations\x18\x04 \x03(\x0b\x32\x1c.vmm.agent.v1.FieldViolation\x12\x35\n\x0b\x63onsole_log\x18\x05 \x01(\x0b\x32\x1e.vmm.agent.v1.ConsoleLogResultH\x00\x12\x33\n\rconsole_chunk\x18\x06 \x01(\x0b\x32\x1a.vmm.agent.v1.ConsoleChunkH\x00\x12.\n\x07hotplug\x18\x07 \x01(\x0b\x32\x1b.vmm.agent.v1.HotplugResultH\x00\x12\x0c\n\x04more\x18\x08 \x01(\x08\x42\x08\n\x06result\"3\n\x10\x43onsoleLogResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"\x1c\n\x0c\x43onsoleChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"Q\n\rHotplugResult\x12 \n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x10.vmm.v1.VmConfig\x12\x1e\n\x05state\x18\x02 \x01(\x0e\x32\x0f.vmm.v1.VmState2Z\n\x0c\x41gentService\x12J\n\x07\x43onnect\x12\x1c.vmm.agent.v1.ConnectRequest\x1a\x1d.vmm.agent.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,43 +46,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEAT']._serialized_start=641
   _globals['_HEARTBEAT']._serialized_end=786
   _globals['_VMSTATUS']._serialized_start=789
-  _globals['_VMSTATUS']._serialized_end=1240
-  _globals['_VMSTATUS_BACKENDINFOENTRY']._serialized_start=1190
-  _globals['_VMSTATUS_BACKENDINFOENTRY']._serialized_end=1240
-  _globals['_CONNECTRESPONSE']._serialized_start=1243
-  _globals['_CONNECTRESPONSE']._serialized_end=1521
-  _globals['_HEARTBEATSETTINGS']._serialized_start=1523
-  _globals['_HEARTBEATSETTINGS']._serialized_end=1593
-  _globals['_DESIREDSTATE']._serialized_start=1595
-  _globals['_DESIREDSTATE']._serialized_end=1647
-  _globals['_SHUTDOWNPOLICY']._serialized_start=1649
-  _globals['_SHUTDOWNPOLICY']._serialized_end=1705
-  _globals['_DESIREDVM']._serialized_start=1708
-  _globals['_DESIREDVM']._serialized_end=1935
-  _globals['_REMOVEVM']._serialized_start=1937
-  _globals['_REMOVEVM']._serialized_end=1977
-  _globals['_REQUEST']._serialized_start=1980
-  _globals['_REQUEST']._serialized_end=2284
-  _globals['_PREFLIGHTREQUEST']._serialized_start=2286
-  _globals['_PREFLIGHTREQUEST']._serialized_end=2370
-  _globals['_CONSOLELOGREQUEST']._serialized_start=2372
-  _globals['_CONSOLELOGREQUEST']._serialized_end=2465
-  _globals['_CONSOLESTREAMREQUEST']._serialized_start=2467
-  _globals['_CONSOLESTREAMREQUEST']._serialized_end=2563
-  _globals['_CANCELREQUEST']._serialized_start=2565
-  _globals['_CANCELREQUEST']._serialized_end=2600
-  _globals['_HOTPLUGREQUEST']._serialized_start=2603
-  _globals['_HOTPLUGREQUEST']._serialized_end=2826
-  _globals['_FIELDVIOLATION']._serialized_start=2828
-  _globals['_FIELDVIOLATION']._serialized_end=2880
-  _globals['_REPLY']._serialized_start=2883
-  _globals['_REPLY']._serialized_end=3175
-  _globals['_CONSOLELOGRESULT']._serialized_start=3177
-  _globals['_CONSOLELOGRESULT']._serialized_end=3228
-  _globals['_CONSOLECHUNK']._serialized_start=3230
-  _globals['_CONSOLECHUNK']._serialized_end=3258
-  _globals['_HOTPLUGRESULT']._serialized_start=3260
-  _globals['_HOTPLUGRESULT']._serialized_end=3341
-  _globals['_AGENTSERVICE']._serialized_start=3343
-  _globals['_AGENTSERVICE']._serialized_end=3433
+  _globals['_VMSTATUS']._serialized_end=1280
+  _globals['_VMSTATUS_BACKENDINFOENTRY']._serialized_start=1230
+  _globals['_VMSTATUS_BACKENDINFOENTRY']._serialized_end=1280
+  _globals['_CONNECTRESPONSE']._serialized_start=1283
+  _globals['_CONNECTRESPONSE']._serialized_end=1561
+  _globals['_HEARTBEATSETTINGS']._serialized_start=1563
+  _globals['_HEARTBEATSETTINGS']._serialized_end=1633
+  _globals['_DESIREDSTATE']._serialized_start=1635
+  _globals['_DESIREDSTATE']._serialized_end=1687
+  _globals['_SHUTDOWNPOLICY']._serialized_start=1689
+  _globals['_SHUTDOWNPOLICY']._serialized_end=1745
+  _globals['_DESIREDVM']._serialized_start=1748
+  _globals['_DESIREDVM']._serialized_end=1975
+  _globals['_REMOVEVM']._serialized_start=1977
+  _globals['_REMOVEVM']._serialized_end=2017
+  _globals['_REQUEST']._serialized_start=2020
+  _globals['_REQUEST']._serialized_end=2324
+  _globals['_PREFLIGHTREQUEST']._serialized_start=2326
+  _globals['_PREFLIGHTREQUEST']._serialized_end=2410
+  _globals['_CONSOLELOGREQUEST']._serialized_start=2412
+  _globals['_CONSOLELOGREQUEST']._serialized_end=2505
+  _globals['_CONSOLESTREAMREQUEST']._serialized_start=2507
+  _globals['_CONSOLESTREAMREQUEST']._serialized_end=2603
+  _globals['_CANCELREQUEST']._serialized_start=2605
+  _globals['_CANCELREQUEST']._serialized_end=2640
+  _globals['_HOTPLUGREQUEST']._serialized_start=2643
+  _globals['_HOTPLUGREQUEST']._serialized_end=2866
+  _globals['_FIELDVIOLATION']._serialized_start=2868
+  _globals['_FIELDVIOLATION']._serialized_end=2920
+  _globals['_REPLY']._serialized_start=2923
+  _globals['_REPLY']._serialized_end=3215
+  _globals['_CONSOLELOGRESULT']._serialized_start=3217
+  _globals['_CONSOLELOGRESULT']._serialized_end=3268
+  _globals['_CONSOLECHUNK']._serialized_start=3270
+  _globals['_CONSOLECHUNK']._serialized_end=3298
+  _globals['_HOTPLUGRESULT']._serialized_start=3300
+  _globals['_HOTPLUGRESULT']._serialized_end=3381
+  _globals['_AGENTSERVICE']._serialized_start=3383
+  _globals['_AGENTSERVICE']._serialized_end=3473
 # @@protoc_insertion_point(module_scope)

@@ -206,6 +206,7 @@ class VmStatus(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
     NETWORK_INTERFACES_FIELD_NUMBER: _builtins.int
+    RESTART_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     observed_generation: _builtins.int
     """The generation of the desired state this status reflects."""
@@ -234,6 +235,10 @@ class VmStatus(_message.Message):
     def network_interfaces(self) -> _containers.RepeatedCompositeFieldContainer[_vm_pb2.NetworkInterfaceStatus]:
         """Each NIC's host device, MAC and address."""
 
+    @_builtins.property
+    def restart(self) -> _vm_pb2.RestartStatus:
+        """How the VM's restart policy has been applied (kept across agent restarts)."""
+
     def __init__(
         self,
         *,
@@ -251,10 +256,11 @@ class VmStatus(_message.Message):
         config: _vm_pb2.VmConfig | None = ...,
         removed: _builtins.bool = ...,
         network_interfaces: _abc.Iterable[_vm_pb2.NetworkInterfaceStatus] | None = ...,
+        restart: _vm_pb2.RestartStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "metrics", b"metrics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "metrics", b"metrics", "restart", b"restart"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_info", b"backend_info", "config", b"config", "error", b"error", "error_code", b"error_code", "metrics", b"metrics", "network_interfaces", b"network_interfaces", "observed_generation", b"observed_generation", "pid", b"pid", "reason", b"reason", "reboot_epoch", b"reboot_epoch", "removed", b"removed", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_info", b"backend_info", "config", b"config", "error", b"error", "error_code", b"error_code", "metrics", b"metrics", "network_interfaces", b"network_interfaces", "observed_generation", b"observed_generation", "pid", b"pid", "reason", b"reason", "reboot_epoch", b"reboot_epoch", "removed", b"removed", "restart", b"restart", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
