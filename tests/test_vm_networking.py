@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from pyroute2 import IPRoute
@@ -100,7 +101,8 @@ def net_host(qemu_binary: str) -> Iterator[NetHost]:
             ip.addr("add", index=ip.link_lookup(ifname=bridges[2])[0], address=gateway,
                     prefixlen=subnet.prefixlen)
         cluster.start()
-        cluster.add_agent(host_id, vcpus=4, memory=4 * GIB, backends="qemu,cloud-hypervisor")
+        cluster.add_agent(host_id, vcpus=4, memory=4 * GIB,
+                          backends="qemu,cloud-hypervisor,firecracker")
         network = network_pb2.Network(name=f"n{secrets.token_hex(4)}", bridge=bridges[2],
                                       cidr=str(subnet), gateway=gateway)
         network_pb2_grpc.NetworkServiceStub(cluster.channel).CreateNetwork(
@@ -299,6 +301,30 @@ def test_hotplugged_nics_get_a_tap_before_the_device_and_lose_it_after(
         delete_and_wait_gone(cluster, vm_id)
         assert links.link_kind(tap) is None
     assert own_taps(host_id) == set()
+
+
+def test_a_firecracker_guest_learns_its_address_from_mmds_and_the_command_line(
+        net_host: NetHost, tiny: TinyGuest) -> None:
+    cluster, network = net_host.cluster, net_host.network
+    config = tiny_config(tiny, vm_pb2.NetworkInterface(id="eth0", network=network.name))
+    config.boot.kernel_path = str(tiny.elf64)
+    config.boot.kernel_args = "console=ttyS0"
+    config.memory.size_bytes = 128 * MIB
+    cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="fc-net", config=config,
+                                                backend="firecracker"))
+    info = cluster.vms.GetVmInfo(vm_pb2.GetVmInfoRequest(vm_id="fc-net"))
+    nic = nics_of(cluster, "fc-net")["eth0"]
+    address = ipaddress.IPv4Interface(nic.ip_address)
+    with httpx.Client(transport=httpx.HTTPTransport(uds=info.backend_info["api_socket"])) as api:
+        mmds = api.get("http://localhost/mmds").json()
+        boot_args = api.get("http://localhost/vm/config").json()["boot-source"]["boot_args"]
+    assert mmds["vmm"]["network_interfaces"] == [{
+        "id": "eth0", "mac_address": nic.mac_address, "ip_address": nic.ip_address,
+        "gateway": network.gateway, "mtu": 0, "network": network.name}]
+    assert f"ip={address.ip}::{network.gateway}:{address.netmask}::eth0:off" in boot_args
+    assert master_of(nic.tap_device) == network.bridge
+    delete_and_wait_gone(cluster, "fc-net")
+    assert links.link_kind(nic.tap_device) is None
 
 
 def linux_on(linux: LinuxGuest, network: str, kernel_args: str = "") -> vm_pb2.VmConfig:
