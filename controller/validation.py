@@ -274,6 +274,13 @@ def check_nic(nic: vm_pb2.NetworkInterface, prefix: str) -> list[Violation]:
         out.append(Violation(f"{prefix}.tap_device",
                              f"{shown(nic.tap_device)} is longer than the 15 characters Linux "
                              "allows"))
+    if len(nic.bridge) > 15:
+        out.append(Violation(f"{prefix}.bridge", f"{shown(nic.bridge)} is longer than the 15 "
+                                                 "characters Linux allows"))
+    if nic.mtu and not 68 <= nic.mtu <= 65535:
+        out.append(Violation(f"{prefix}.mtu", f"{nic.mtu} is not 0 (the bridge's) or 68-65535"))
+    if not 0 <= nic.vlan <= 4094:
+        out.append(Violation(f"{prefix}.vlan", f"{nic.vlan} is not 0 (none) or 1-4094"))
     return out
 
 

@@ -14,6 +14,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from agent.network import links
 from agent.network.names import TAP_PREFIX, guest_mac, nic_ids, parse_alias, tap_alias, tap_name
 from agent.runtimes.base import Runtime, RuntimeFailure, positive_int
@@ -89,7 +91,9 @@ class HostNetwork:
             if links.ensure_tap(spec):
                 log.info("made tap %s on %s for vm %s nic %s", plan.tap, plan.bridge, vm_id,
                          plan.nic_id, extra={"vm_id": vm_id})
-        except (links.LinkError, OSError) as e:
+        except (links.LinkError, NetlinkError, OSError) as e:
+            # A missing bridge, a kernel without what the NIC asks (VLAN filtering, tc), a
+            # name taken by another kind of device.
             raise RuntimeFailure(f"network interface {plan.nic_id}: {e}",
                                  "FAILED_PRECONDITION") from e
 
@@ -184,7 +188,11 @@ class HostNetwork:
         """Remove this agent's TAPs that belong to none of `keep` (vm id -> config)."""
         wanted = {tap_name(self.owner, vm_id, nic_id)
                   for vm_id, config in keep.items() for nic_id in nic_ids(config.network)}
-        return await asyncio.to_thread(self._sweep_sync, wanted)
+        try:
+            return await asyncio.to_thread(self._sweep_sync, wanted)
+        except (NetlinkError, OSError) as e:  # without CAP_NET_ADMIN, say so and go on
+            log.error("cannot sweep orphaned taps: %s", e)
+            return []
 
     # ---- what the host offers ---------------------------------------------------------
 
@@ -194,5 +202,8 @@ class HostNetwork:
     async def ensure_bridges(self, names: list[str]) -> None:
         """Make the configured bridges that are missing (they outlive the agent)."""
         for name in names:
-            if await asyncio.to_thread(links.ensure_bridge, name):
-                log.info("made bridge %s", name)
+            try:
+                if await asyncio.to_thread(links.ensure_bridge, name):
+                    log.info("made bridge %s", name)
+            except (links.LinkError, NetlinkError, OSError) as e:
+                log.error("cannot make bridge %s: %s", name, e)

@@ -93,8 +93,9 @@ def ensure_tap(spec: TapSpec) -> bool:
         if bridge is None or _kind(bridge) != "bridge":
             raise LinkError(f"bridge {spec.bridge} does not exist on this host")
         link = _lookup(ip, spec.name)
-        if link is not None and (_kind(link) != "tun" or bool(
-                tun_flags(spec.name) & IFF_MULTI_QUEUE) != spec.multi_queue):
+        if link is not None and _kind(link) != "tun":
+            raise LinkError(f"{spec.name} exists and is not a TAP")
+        if link is not None and bool(tun_flags(spec.name) & IFF_MULTI_QUEUE) != spec.multi_queue:
             ip.link("del", index=link["index"])
             link = None
         made = link is None
@@ -102,19 +103,28 @@ def ensure_tap(spec: TapSpec) -> bool:
             ip.link("add", ifname=spec.name, kind="tuntap", mode="tap", uid=spec.owner_uid,
                     ifr={"no_pi": 1, "multi_queue": int(spec.multi_queue)})
         index = ip.link_lookup(ifname=spec.name)[0]
-        mtu = spec.mtu or bridge.get("IFLA_MTU")
-        ip.link("set", index=index, master=bridge["index"], mtu=mtu)
-        if spec.alias:
-            ip.link("set", index=index, ifalias=spec.alias)
-        if spec.vlan:
-            ip.vlan_filter("add", index=index,
-                           vlan_info={"vid": spec.vlan, "flags": ["pvid", "untagged"]})
-        if spec.rate_bytes:
-            # The bucket holds a tenth of a second's worth (at least a few full frames).
-            ip.tc("replace", "tbf", index, 0x10000, rate=spec.rate_bytes,
-                  burst=max(spec.rate_bytes // 10, 4 * 65536), latency="50ms")
-        ip.link("set", index=index, state="up")
+        try:
+            _configure_tap(ip, index, spec, bridge)
+        except BaseException:
+            if made:  # half made is not made: the caller may try again from nothing
+                ip.link("del", index=index)
+            raise
         return made
+
+
+def _configure_tap(ip: IPRoute, index: int, spec: TapSpec, bridge: Any) -> None:
+    mtu = spec.mtu or bridge.get("IFLA_MTU")
+    ip.link("set", index=index, master=bridge["index"], mtu=mtu)
+    if spec.alias:
+        ip.link("set", index=index, ifalias=spec.alias)
+    if spec.vlan:
+        ip.vlan_filter("add", index=index,
+                       vlan_info={"vid": spec.vlan, "flags": ["pvid", "untagged"]})
+    if spec.rate_bytes:
+        # The bucket holds a tenth of a second's worth (at least a few full frames).
+        ip.tc("replace", "tbf", index, 0x10000, rate=spec.rate_bytes,
+              burst=max(spec.rate_bytes // 10, 4 * 65536), latency="50ms")
+    ip.link("set", index=index, state="up")
 
 
 def remove_link(name: str) -> bool:
