@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import psutil
 import pytest
@@ -268,6 +269,29 @@ def icmp_echo(address: str, timeout: float) -> bool:
             if source == address and icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
                 return True
     return False
+
+
+def test_a_nic_the_host_cannot_set_up_fails_the_create_and_leaves_no_tap(
+        net_host: NetHost, tiny: TinyGuest, kvm: None) -> None:
+    """A VLAN port needs the kernel's bridge VLAN filtering: where it is missing the create
+    fails naming the NIC, and the TAP made for it is gone again."""
+    cluster, host_id, bridge = net_host.cluster, net_host.host_id, net_host.mgmt
+    config = tiny_config(tiny, vm_pb2.NetworkInterface(id="eth0", tap_device=bridge, vlan=42))
+    tap = tap_name(host_id, "vlan-vm", "eth0")
+    if Path("/sys/class/net", bridge, "bridge", "vlan_filtering").exists():
+        create_and_boot(cluster, "vlan-vm", config)
+        assert master_of(tap) == bridge
+        delete_and_wait_gone(cluster, "vlan-vm")
+    else:
+        with pytest.raises(grpc.RpcError) as failed:
+            cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="vlan-vm", config=config,
+                                                        backend="qemu"))
+        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "network interface eth0" in failed.value.details()
+        wait_until(lambda: not any(v.vm_id == "vlan-vm" for v in cluster.vms.ListVms(
+            vm_pb2.ListVmsRequest()).vms), 30, what="the failed VM to be undone")
+    assert links.link_kind(tap) is None
+    assert own_taps(host_id) == set()
 
 
 def test_hotplugged_nics_get_a_tap_before_the_device_and_lose_it_after(
