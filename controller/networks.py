@@ -218,7 +218,7 @@ class Networks:
         taken: list[vm_pb2.NetworkInterface] = []
         try:
             for i, nic in enumerate(config.network):
-                if not nic.network or nic.ip_address:
+                if not nic.network:
                     continue
                 violation = await self.attach_nic(vm_id, nic, f"eth{i}",
                                                   f"{field_prefix}[{i}].network")

@@ -281,6 +281,10 @@ def check_nic(nic: vm_pb2.NetworkInterface, prefix: str) -> list[Violation]:
         out.append(Violation(f"{prefix}.mtu", f"{nic.mtu} is not 0 (the bridge's) or 68-65535"))
     if not 0 <= nic.vlan <= 4094:
         out.append(Violation(f"{prefix}.vlan", f"{nic.vlan} is not 0 (none) or 1-4094"))
+    if nic.network and nic.ip_address:
+        out.append(Violation(f"{prefix}.ip_address",
+                             "is handed out by the controller from the NIC's network; leave it "
+                             "empty"))
     return out
 
 

@@ -58,10 +58,12 @@ def test_network_definitions_are_checked_and_named_in_errors(cluster: Cluster) -
     assert "config.network[0].network" in unknown.value.details()
     odd = nic_config("pool")
     odd.network[0].mtu, odd.network[0].vlan = 10, 5000
+    odd.network[0].ip_address = "10.77.0.9/24"  # another NIC's, perhaps: not the caller's pick
     with pytest.raises(grpc.RpcError) as out_of_range:
         cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="odd", config=odd))
     assert out_of_range.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    for field in ("config.network[0].mtu", "config.network[0].vlan"):
+    for field in ("config.network[0].mtu", "config.network[0].vlan",
+                  "config.network[0].ip_address"):
         assert field in out_of_range.value.details()
     # No host has the network's bridge: refused, and the address taken for it given back.
     with pytest.raises(grpc.RpcError) as nowhere:
