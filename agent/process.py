@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -27,28 +28,45 @@ class ProcessRef:
     pid: int
     # psutil's create_time(): seconds since the epoch, as a float.
     started_at: float
+    # Where the process's waiter writes its exit status (see agent.waiter); "" for none.
+    exit_file: str = ""
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"pid": self.pid, "started_at": self.started_at}
+    def to_dict(self) -> dict[str, float | int | str]:
+        data: dict[str, float | int | str] = {"pid": self.pid, "started_at": self.started_at}
+        if self.exit_file:
+            data["exit_file"] = self.exit_file
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ProcessRef | None:
         pid, started = data.get("pid"), data.get("started_at")
         if not isinstance(pid, int) or not isinstance(started, int | float):
             return None
-        return cls(pid, float(started))
+        exit_file = data.get("exit_file")
+        return cls(pid, float(started), exit_file if isinstance(exit_file, str) else "")
+
+
+WAITER = str(Path(__file__).with_name("waiter.py"))
+# Seconds a waiter may take to start its hypervisor.
+WAITER_START_TIMEOUT = 10.0
 
 
 def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
-          env: dict[str, str] | None = None, hypervisor_log: Path | None = None) -> ProcessRef:
+          env: dict[str, str] | None = None, hypervisor_log: Path | None = None,
+          exit_file: Path | None = None) -> ProcessRef:
     """Start argv detached from the agent, stdout appended to console_log (where a
     hypervisor writes its guest's serial port) and stderr to hypervisor_log (its own
-    messages; console_log too when None)."""
+    messages; console_log too when None). With exit_file, argv runs under a waiter
+    (agent.waiter) that writes its exit status there, whoever adopts it meanwhile."""
     console_log.parent.mkdir(parents=True, exist_ok=True)
+    command = list(argv)
+    if exit_file is not None:
+        exit_file.unlink(missing_ok=True)
+        command = [sys.executable, "-I", "-S", WAITER, str(exit_file), *command]
     with open(console_log, "ab", buffering=0) as out, \
             open(hypervisor_log or os.devnull, "ab", buffering=0) as err:
         proc = subprocess.Popen(
-            list(argv),
+            command,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err if hypervisor_log else subprocess.STDOUT,
@@ -59,7 +77,27 @@ def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
         )
     _reap_in_background(proc)
     failpoints.hit("agent.process.spawned", console_log.parent.name)
-    return ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
+    if exit_file is None:
+        return ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
+    child = _waiters_child(proc)
+    return ProcessRef(child.pid, child.create_time(), str(exit_file))
+
+
+def _waiters_child(waiter: subprocess.Popen[bytes]) -> psutil.Process:
+    """The hypervisor a waiter has started: its only child."""
+    deadline = time.monotonic() + WAITER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            children = psutil.Process(waiter.pid).children()
+        except psutil.Error:
+            children = []
+        if children:
+            return children[0]
+        if waiter.poll() is not None:
+            raise RuntimeError(f"the waiter of {WAITER} exited with status {waiter.returncode} "
+                               "before starting its process")
+        time.sleep(0.001)
+    raise TimeoutError(f"the waiter did not start its process within {WAITER_START_TIMEOUT}s")
 
 
 # Children this agent spawned, and the exit statuses of those it has reaped, by pid.
@@ -89,8 +127,11 @@ def is_alive(ref: ProcessRef) -> bool:
 
 
 def exit_status(ref: ProcessRef) -> int | None:
-    """The exit status of an ended child of this agent (negative: killed by that signal);
-    None for a process adopted after an agent restart, which is not our child."""
+    """The exit status of an ended process (negative: killed by that signal), from its
+    waiter's record or, for a child of this agent, the agent's own; None when neither
+    can tell (a process without a waiter adopted after an agent restart)."""
+    if ref.exit_file:
+        return _recorded_exit_status(ref)
     if ref.pid not in _children:
         return None
     # The process turns into a zombie a moment before the reaper thread records it.
@@ -98,6 +139,21 @@ def exit_status(ref: ProcessRef) -> int | None:
     while ref.pid not in _exit_statuses and time.monotonic() < deadline:
         time.sleep(0.002)
     return _exit_statuses.get(ref.pid)
+
+
+def _recorded_exit_status(ref: ProcessRef) -> int | None:
+    # The waiter writes the file a moment after its child has ended.
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            pid, status = Path(ref.exit_file).read_text().split()
+            if int(pid) == ref.pid:
+                return int(status)
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.005)
 
 
 def exit_detail(ref: ProcessRef) -> str:

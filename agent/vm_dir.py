@@ -12,6 +12,7 @@
     console.log    the guest's serial console (the hypervisor's stdout), nothing else; a
                    link to the config's console.output when it names one
     console.boot   the size console.log had when the guest last booted
+    exit.status    "PID STATUS" of the hypervisor once it ended, from its waiter process
     metrics.json   hypervisor metrics output, where the backend writes a file
     hypervisor.log the hypervisor's own log and its stderr (.1: the previous process's,
                    for backends that start it afresh)
@@ -81,6 +82,10 @@ class VmDir:
     @property
     def hypervisor_log(self) -> Path:
         return self.path / "hypervisor.log"
+
+    @property
+    def exit_status_file(self) -> Path:
+        return self.path / "exit.status"
 
     @property
     def console_boot_file(self) -> Path:

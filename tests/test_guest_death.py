@@ -230,3 +230,33 @@ def test_restart_policy_restarts_a_failed_vm_with_backoff_counting_across_agent_
                          lambda r: r.exhausted)
     assert final.restart.attempts == 2 and final.restart.next_restart_timestamp == 0
     assert final.state_reason.startswith(SIM_PANIC)
+
+
+# ---- a hypervisor that dies after its agent restarted ------------------------------------
+
+
+def test_adopted_hypervisor_that_dies_is_reported_with_its_signal_and_its_socket_goes(
+        cluster: Cluster, tmp_path: Path) -> None:
+    agent = cluster.add_agent("h1", extra=["--force-simulator", "true"])
+    config = vm_pb2.VmConfig(
+        cpu=vm_pb2.CpuConfig(vcpu_count=1), memory=vm_pb2.MemoryConfig(size_bytes=128 * MIB),
+        boot=vm_pb2.BootConfig(kernel_path=str(fake_linux_kernel(tmp_path)),
+                               kernel_args="console=ttyS0"))
+    cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="adopted", config=config))
+    cluster.vms.BootVm(vm_pb2.BootVmRequest(vm_id="adopted"))
+    running = vm_info(cluster, "adopted")
+    pid, socket = int(running.backend_info["pid"]), Path(running.backend_info["api_socket"])
+    # A new agent adopts the hypervisor: it is not that agent's child.
+    agent.signal(signal.SIGKILL)
+    agent.start()
+    cluster.wait_host_ready("h1")
+    wait_until(lambda: vm_info(cluster, "adopted").state == S.VM_STATE_RUNNING,
+               what="the VM adopted as RUNNING")
+    assert int(vm_info(cluster, "adopted").backend_info["pid"]) == pid
+
+    os.kill(pid, signal.SIGKILL)
+    failed = wait_until(lambda: (i := vm_info(cluster, "adopted")).state == S.VM_STATE_FAILED
+                        and i, what="the VM to be FAILED")
+    assert isinstance(failed, vm_pb2.GetVmInfoResponse)
+    assert f"hypervisor process {pid} was killed by SIGKILL" in failed.state_reason
+    assert not socket.exists(), f"the dead hypervisor's socket {socket} is left behind"

@@ -235,13 +235,17 @@ def config_violations(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]
     return out
 
 
-def reboot_on_panic(kernel_args: str) -> str:
-    """kernel_args with `panic=1` unless they choose: a panicked guest then reboots after a
-    second, which ends the Firecracker process, so the agent notices the death (the
-    console's panic line tells it from an orderly reboot) instead of a guest hung for good."""
-    if not kernel_args.strip() or re.search(r"(^|\s)panic=", kernel_args):
-        return kernel_args
-    return f"{kernel_args} panic=1"
+def reboot_on_panic(config: vm_pb2.VmConfig) -> str:
+    """The kernel args with `panic=1` unless they choose: a panicked guest then reboots
+    after a second, which ends the Firecracker process, so the agent notices the death
+    (the console's panic line tells it from an orderly reboot) rather than only from the
+    panic line of a guest hung for good. Left out where the command line has no room."""
+    args = config.boot.kernel_args
+    longer = f"{args} panic=1"
+    if not args.strip() or re.search(r"(^|\s)panic=", args) or \
+            len(longer.encode()) + firecracker_cmdline_additions(config) >= CMDLINE_CAPACITY:
+        return args
+    return longer
 
 
 def translate(config: vm_pb2.VmConfig) -> FirecrackerConfig:
@@ -259,7 +263,7 @@ def translate(config: vm_pb2.VmConfig) -> FirecrackerConfig:
         ),
         boot=BootSource(kernel_image_path=boot.kernel_path,
                         # Empty args leave Firecracker's own defaults (panic=1 included).
-                        boot_args=reboot_on_panic(boot.kernel_args) or None,
+                        boot_args=reboot_on_panic(config) or None,
                         initrd_path=boot.initrd_path or None),
         drives=tuple(
             Drive(drive_id=drive_id, path_on_host=disk.path,
@@ -632,7 +636,8 @@ class FirecrackerRuntime(Runtime):
         ref = process.spawn(
             [*self.command, "--api-sock", str(vm.api_socket), "--id", instance_id(vm.vm_id),
              "--log-path", str(vm.hypervisor_log), "--level", "Info"],
-            vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log)
+            vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
+            exit_file=vm.exit_status_file)
         self._record(vm, ref)
         self._samples.pop(vm.path, None)
         try:
