@@ -23,6 +23,8 @@ from agent.console import ConsoleRelay
 from agent.host_paths import HostPathPolicy
 from agent.reconciler import Reconciler
 from agent.runtimes.base import Runtime, RuntimeSettings
+from agent.runtimes.cloud_hypervisor import CloudHypervisorRuntime
+from agent.runtimes.cloud_hypervisor_events import event_file
 from agent.runtimes.firecracker import FirecrackerRuntime
 from agent.vm_dir import StateDir
 from tests.conftest import FAKE_KERNEL
@@ -176,6 +178,31 @@ async def test_firecracker_guest_panic_is_failed_with_the_panic_and_the_guests_c
     vm = agent.reconciler.state.vm("fc-panic")
     await eventually(lambda: backend.runtime.live_process(vm) is None
                      and not vm.api_socket.exists(), "firecracker and its socket to be gone")
+
+
+# ---- Cloud Hypervisor: its pvpanic device reports the panic as an event ------------------
+
+
+async def test_cloud_hypervisor_reports_a_guest_panic_through_its_pvpanic_device(
+        start_agent: type[object], state_dir: StateDir) -> None:
+    runtime = CloudHypervisorRuntime.detect(RuntimeSettings(force_simulator=True))
+    assert runtime is not None and runtime.simulated
+    agent: Agent = await start_agent(runtime)  # type: ignore[operator]
+    agent.reconciler.set_desired(desired("ch-panic", fake_linux_kernel(state_dir.root),
+                                         "console=ttyS0 root=/dev/vda", runtime.name))
+
+    failed = await agent.wait_for("ch-panic", S.VM_STATE_FAILED)
+    assert failed.reason.startswith(SIM_PANIC), failed.reason
+    vm = agent.reconciler.state.vm("ch-panic")
+    # Cloud Hypervisor itself said so: a ("guest", "panic") event from its pvpanic device.
+    assert '"source": "guest"' in event_file(vm).read_text()
+    assert runtime.guest_panic_reported(vm)
+    # The guest hangs in its panic: the agent shuts the VM down (the VMM process stays, as
+    # Cloud Hypervisor's does with --no-shutdown), and a later boot starts afresh.
+    deadline = asyncio.get_running_loop().time() + PATIENCE
+    while (await runtime.observe(vm)).backend_info.get("hypervisor_state") == "Running":
+        assert asyncio.get_running_loop().time() < deadline, "the panicked VM still runs"
+        await asyncio.sleep(0.05)
 
 
 # ---- restart policy ------------------------------------------------------------------------

@@ -154,6 +154,8 @@ class VmConfigJson(TypedDict, total=False):
     serial: ConsoleJson
     console: ConsoleJson
     numa: list[NumaNodeJson]
+    # A pvpanic device: a guest kernel panic becomes a ("guest", "panic") event.
+    pvpanic: bool
 
 
 # ---- answers ----------------------------------------------------------------------------

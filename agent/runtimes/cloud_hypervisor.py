@@ -59,6 +59,7 @@ from agent.runtimes.cloud_hypervisor_config import (
     translate_config,
     vm_config_or_refuse,
 )
+from agent.runtimes.cloud_hypervisor_events import EventMonitor, event_file
 from agent.runtimes.readiness import console_offset, ready_marker, wait_for_console_marker
 from agent.vm_dir import VmDir
 from vmm import features
@@ -174,6 +175,7 @@ class CloudHypervisorRuntime(Runtime):
         super().__init__(binary, simulated, settings)
         # The last (monotonic time, CPU seconds) per VM, for cpu_usage_percent.
         self._cpu_samples: dict[Path, tuple[float, float]] = {}
+        self._events = EventMonitor()
         # One keep-alive API client per VM for vm.counters.
         self._metrics_clients: ClientCache[CloudHypervisorApi] = ClientCache(
             functools.partial(CloudHypervisorApi, timeout=METRICS_TIMEOUT))
@@ -239,6 +241,7 @@ class CloudHypervisorRuntime(Runtime):
             elif info.built:
                 await self._drop_failed_boot(api)
             offset = console_offset(vm)
+            self._events.booting(vm)  # a panic of an earlier boot is over
             try:
                 await api.boot_vm()
             except CloudHypervisorApiError:
@@ -351,7 +354,11 @@ class CloudHypervisorRuntime(Runtime):
         if (state == vm_pb2.VM_STATE_CREATED
                 and vm.load_runtime().get("phase", PHASE_CREATED) != PHASE_CREATED):
             state = vm_pb2.VM_STATE_SHUTDOWN
-        return Observation(alive=True, pid=ref.pid, backend_info=info, state=state)
+        return Observation(alive=True, pid=ref.pid, backend_info=info, state=state,
+                           guest_panic=self._events.guest_panicked(vm))
+
+    def guest_panic_reported(self, vm: VmDir) -> bool:
+        return self._events.guest_panicked(vm)
 
     async def metrics(self, vm: VmDir) -> vm_pb2.VmMetrics:
         ref = self.live_process(vm)
@@ -519,7 +526,10 @@ class CloudHypervisorRuntime(Runtime):
     async def _start_vmm(self, vm: VmDir, config: vm_pb2.VmConfig) -> ProcessRef:
         vm.api_socket.unlink(missing_ok=True)
         argv = [self.binary, "--api-socket", f"path={vm.api_socket}", "--no-shutdown",
-                "--log-file", str(vm.hypervisor_log)]
+                "--log-file", str(vm.hypervisor_log),
+                # Where its pvpanic device's reports arrive (see guest_panic_reported).
+                "--event-monitor", f"path={event_file(vm)}"]
+        self._events.forget(vm)
         gdb_socket = config.boot.boot_options.get(features.GDB_KEY)
         if gdb_socket:
             argv += ["--gdb", f"path={gdb_socket}"]

@@ -76,6 +76,7 @@ class ConfigTranslation:
             "rng": {"src": "/dev/urandom"},
             "serial": ConsoleJson(mode="Tty"),
             "console": ConsoleJson(mode="Off"),
+            "pvpanic": True,
         }
         disks = [self.disk(d, f"config.storage[{i}]") for i, d in enumerate(config.storage)]
         if disks:

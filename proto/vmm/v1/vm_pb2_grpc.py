@@ -185,7 +185,8 @@ class VmServiceServicer:
 
     def WatchVms(self, request, context):
         """Additive: fleet features.
-        WatchVms streams a snapshot of the matching VMs, then every change.
+        WatchVms streams each matching VM once its agent has reported its first state, then
+        each change of its state (never UNSPECIFIED, never one state twice in a row).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from tools.simulators.cloud_hypervisor import events
 from tools.simulators.cloud_hypervisor.config import validation_error
 from tools.simulators.cloud_hypervisor.devices import (
     Device,
@@ -21,6 +22,7 @@ from tools.simulators.cloud_hypervisor.errors import (
 )
 
 GUEST_READY_LINE = "GUEST-READY"
+PANIC_LINE = "Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)"
 LOCKING_ERROR = "Error locking disk images: Another instance likely holds a lock"
 HOTPLUG_SLOTS = 8  # ACPI memory hotplug slots
 HOTPLUG_ALIGN = 128 << 20
@@ -91,9 +93,27 @@ class Guest:
                     raise VmFailure(f"Cannot open {key} file", os_error_text(e)) from e
         self.state = "Running"
         self.serial.write_line(f"[    0.000000] Command line: {self.cmdline}")
+        if self._panics_at_boot(payload):
+            return
         for disk in self.config.get("disks") or []:
             self._probe_disk(disk)
         self.serial.write_line(GUEST_READY_LINE)
+
+    def _panics_at_boot(self, payload: dict[str, Any]) -> bool:
+        """A Linux guest told to mount a root device it has not got (root= without disks
+        or an initramfs) panics; with a pvpanic device Cloud Hypervisor reports it as a
+        ("guest", "panic") event, and the VM keeps running (the guest hangs, or reboots
+        in place with panic=N)."""
+        roots = [arg.split("=", 1)[1] for arg in self.cmdline.split() if arg.startswith("root=")]
+        if not roots or self.config.get("disks") or "initramfs" in payload:
+            return False
+        device = roots[-1].removeprefix("/dev/")
+        self.serial.write_line(f'[    0.600000] VFS: Cannot open root device "{device}" or '
+                               "unknown-block(0,0): error -6")
+        self.serial.write_line(f"[    0.600000] {PANIC_LINE}")
+        if self.config.get("pvpanic"):
+            events.event("guest", "panic", {"event": "panic"})
+        return True
 
     def _probe_disk(self, disk: dict[str, Any]) -> None:
         # What a booting kernel does first with a disk: read its first sectors.

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from tools.simulators.cloud_hypervisor import events
 from tools.simulators.cloud_hypervisor.errors import os_error_text
 from tools.simulators.cloud_hypervisor.http import ApiServer
 from tools.simulators.cloud_hypervisor.vmm import BUILD_VERSION, Vmm
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", type=Path, help="where to log API requests")
     parser.add_argument("--seccomp", help="ignored")
     parser.add_argument("--gdb", help="accepted and ignored: the simulator has no GDB stub")
+    parser.add_argument("--event-monitor", help="path=<file>: where events are written")
     parser.add_argument("-V", "--version", action="store_true")
     return parser
 
@@ -62,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "defined through the API", file=sys.stderr)
         return 1
     socket_path = _socket_path(args.api_socket)
+    events.set_monitor(args.event_monitor)
     if socket_path.exists():
         if _socket_in_use(socket_path):
             print(f"cloud-hypervisor-sim: API socket {socket_path} is in use by another "
