@@ -345,31 +345,43 @@ def test_credentials_reload_without_a_restart(secure: Secure) -> None:
 
 
 def test_vmmctl_presents_a_client_certificate(secure: Secure, tmp_path: Path) -> None:
-    """A controller that wants client certificates from API clients (tls_client_ca_file)."""
+    """A controller that wants client certificates from API clients (tls_client_ca_file),
+    and takes a new server certificate without a restart."""
     c, pki = secure.cluster, secure.pki
     address = f"127.0.0.1:{free_loopback_port()}"
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    shutil.copy(pki / "server.crt", cert)
+    shutil.copy(pki / "server.key", key)
     replica = Process("cert-replica", [
         sys.executable, "-m", "controller.main", "--listen", address, "--http-listen=",
         "--etcd-endpoints", c.etcd.endpoint, "--identity", "cert-replica",
-        "--access-file", str(secure.access), "--tls-cert-file", str(pki / "server.crt"),
-        "--tls-key-file", str(pki / "server.key"), "--tls-client-ca-file", str(pki / "ca.crt")],
+        "--access-file", str(secure.access), "--tls-cert-file", str(cert),
+        "--tls-key-file", str(key), "--tls-client-ca-file", str(pki / "ca.crt")],
         tmp_path / "cert-replica.log", c.env)
     replica.start()
     try:
-        def vmmctl(*flags: str) -> subprocess.CompletedProcess[str]:
+        def vmmctl(*flags: str, ca: Path = pki / "ca.crt") -> subprocess.CompletedProcess[str]:
             return subprocess.run(
                 [sys.executable, "-m", "tools.vmmctl", "--server", address, "--ca-cert",
-                 str(pki / "ca.crt"), *flags, "--timeout", "10", "-o", "json", "-n", "*",
+                 str(ca), *flags, "--timeout", "10", "-o", "json", "-n", "*",
                  "list"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
 
-        result = wait_until(lambda: (r := vmmctl("--client-cert", str(pki / "client.crt"),
-                                                 "--client-key", str(pki / "client.key")))
-                            .returncode == 0 and r, 30, what="the replica to serve vmmctl")
+        with_cert = ("--client-cert", str(pki / "client.crt"),
+                     "--client-key", str(pki / "client.key"))
+        result = wait_until(lambda: (r := vmmctl(*with_cert)).returncode == 0 and r, 30,
+                            what="the replica to serve vmmctl")
         assert isinstance(result, subprocess.CompletedProcess)
         assert json.loads(result.stdout)["total_count"] == 0
         # Without a certificate the TLS handshake fails, token or not.
         refused = vmmctl("--token", TOKENS["admin"])
         assert refused.returncode != 0
+        # A server certificate from another CA, swapped in on disk, serves new connections.
+        rotated = make_pki(tmp_path / "rotated")
+        shutil.copy(rotated / "server.key", key)
+        shutil.copy(rotated / "server.crt", cert)
+        wait_until(lambda: vmmctl(*with_cert, ca=rotated / "ca.crt").returncode == 0, 30,
+                   what="the rotated server certificate to be served")
+        assert vmmctl(*with_cert).returncode != 0  # the old CA no longer verifies it
     finally:
         replica.stop()
 
