@@ -219,6 +219,7 @@ def vm_detail(info: vm_pb2.GetVmInfoResponse, now: float | None = None) -> Rende
         state.append(f" (desired {state_name(info.desired_state)})", style="dim")
     rows: list[tuple[str, RenderableType]] = [
         ("ID", _plain(info.vm_id)),
+        ("Namespace", _plain(info.namespace or "default")),
         ("State", state),
         ("Reason", _plain(info.state_reason or "-")),
         ("Placement", _plain(placement_text(info.placement))),
