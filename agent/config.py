@@ -37,8 +37,10 @@ class AgentConfig:
     metrics_listen: str = "127.0.0.1:9464"
     # Longest wait between attempts to reach the controller (jittered exponential backoff).
     reconnect_backoff_max: float = 30.0
-    # Bearer token for the controller, and TLS: the CA that signed the controller's
-    # certificate, and this agent's own certificate and key for mutual TLS.
+    # This host's credential, which speaks for host_id only: its token from the
+    # controller's access file, and/or TLS: the CA that signed the controller's
+    # certificate, and this agent's own certificate (SAN URI spiffe://vmm/host/<host_id>)
+    # and key for mutual TLS.
     token: str = ""
     tls_ca_file: str = ""
     tls_cert_file: str = ""

@@ -33,18 +33,32 @@ class ApiError(Exception):
         self.violations = list(violations)
 
     def to_status(self) -> grpc.Status:
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        status = status_pb2.Status(code=self.code.value[0], message=_bounded(self.message))
         if self.violations:
             detail = any_pb2.Any()
             violation = error_details_pb2.BadRequest.FieldViolation
             detail.Pack(error_details_pb2.BadRequest(field_violations=[
-                violation(field=v.field, description=v.description) for v in self.violations]))
+                violation(field=_bounded(v.field, 96), description=_bounded(v.description, 160))
+                for v in self.violations]))
             status.details.append(detail)
         return rpc_status.to_status(status)
 
 
 # A request with thousands of bad fields hears of the first few: the error must stay small.
 MAX_VIOLATIONS = 10
+
+
+# Longest message a status carries, in UTF-8 bytes: whatever a request echoes, the trailers
+# (message percent-encoded, details base64) stay below a client's default 8 KiB metadata
+# limit, over which the caller would see RESOURCE_EXHAUSTED instead of the real answer.
+MAX_MESSAGE_BYTES = 1024
+
+
+def _bounded(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode(errors="ignore") + f"... ({len(data) - limit} bytes more)"
 
 
 def invalid(violations: Sequence[Violation]) -> ApiError:

@@ -40,7 +40,8 @@ class Fuzzer:
         return r.choice([
             "", "a", "fz-1", "fz-1\n", "UPPER", "-x", "x" * 63, "x" * 64, "x" * r.randint(1, 6000),
             "é" * r.randint(1, 2500), "a/../../etc/shadow", "/etc/shadow", "\x00", "a\x00b",
-            " spaced ", "*", "ns.with.dots", "%s%n", "\u202e", "a" * 300 + "/" + "b" * 300,
+            " spaced ", "*", "ns.with.dots", "y" * 12000, "ü" * 5000, "%s%n", "\u202e",
+            "a" * 300 + "/" + "b" * 300,
             "".join(chr(r.randint(1, 0x2FF)) for _ in range(r.randint(1, 80)))])
 
     def number(self, bits: int = 32) -> int:
