@@ -12,6 +12,8 @@ from vmm.common.settings import load_settings
 
 @dataclass
 class AgentConfig:
+    # The controller replicas: "host:port,host:port" (tried in turn, failing over) or one
+    # gRPC target whose resolver names them all ("dns:///controllers.internal:50051").
     controller: str = "127.0.0.1:50051"
     host_id: str = field(default_factory=socket.gethostname)
     state_dir: str = "/var/lib/vmm-agent"

@@ -615,13 +615,13 @@ class Reconciler:
 def _proven(phase: Phase | None, state: vm_pb2.VmState.ValueType) -> bool:
     """Whether a live hypervisor found on restart may be adopted as it is.
 
-    A started guest (RUNNING, PAUSED) or a stopped one (SHUTDOWN), as the hypervisor's own
-    API reports it, proves its configuration was complete. A CREATED one proves nothing
-    unless its create (or the last step) was recorded as finished: an interrupted create
-    leaves a process that answers its API unconfigured. An interrupted hotplug leaves a
-    config nobody recorded. No answer at all proves nothing."""
-    if state in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED, S.VM_STATE_SHUTDOWN):
-        return phase is None or phase.step != "hotplugging"
-    if state == S.VM_STATE_CREATED:
-        return phase is not None and not phase.under_way
-    return False
+    A step recorded as finished proves itself. A step under way is proved only by the
+    hypervisor's own API: a started guest (RUNNING, PAUSED) or a stopped one (SHUTDOWN) had
+    its configuration complete, but a CREATED one may be a process spawned and never (or
+    half) configured, and an interrupted hotplug leaves a config nobody recorded. A state
+    dir without a phase comes from an agent that recorded none, and is taken as it was."""
+    if phase is None or not phase.under_way:
+        return True
+    if phase.step == "hotplugging":
+        return False
+    return state in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED, S.VM_STATE_SHUTDOWN)

@@ -5,6 +5,10 @@ exponentially up to a cap (full jitter, so a fleet of agents reconnecting after 
 controller restart spreads out) and registers again with everything it runs, so a
 restarted controller (or agent) converges without losing anything.
 
+`controller` names the replicas: a comma-separated list of addresses, tried in turn from
+a random one (each failure moves to the next), or one gRPC target such as
+`dns:///controllers.internal:50051`, whose resolver returns every replica.
+
 Heartbeats go out on a fixed schedule: the configured interval until the controller sends
 its HeartbeatSettings, then the controller's. A beat never waits for the hypervisors: it
 carries the host's metrics and the per-VM metrics sampled since the previous beat.
@@ -69,6 +73,14 @@ class ControllerSession:
         self._settings_changed = asyncio.Event()
         self.heartbeats_sent = 0
         self._was_connected = False
+        self.targets = controller_targets(config.controller)
+        # Start at a random replica, so that a fleet's agents spread over them.
+        self._target = random.randrange(len(self.targets))
+
+    @property
+    def controller(self) -> str:
+        """The replica address this agent dials now."""
+        return self.targets[self._target]
         # The host's bridges as of the last registration.
         self.bridges: list[str] = []
 
@@ -123,12 +135,18 @@ class ControllerSession:
         try:
             await self._stream()
         except _RECONNECT_ERRORS as exc:
+            self._next_target()
             if not self._was_connected:
                 raise
             raise SessionEnded(_describe(exc)) from exc
+        self._next_target()
         if not self._was_connected:
             raise StreamBroken("the controller closed the stream")
         raise SessionEnded("the controller closed the stream")
+
+    def _next_target(self) -> None:
+        """The next attempt dials the next replica."""
+        self._target = (self._target + 1) % len(self.targets)
 
     async def _stream(self) -> None:
         self.heartbeat_settings = None  # each controller (re)states its own
@@ -154,7 +172,7 @@ class ControllerSession:
                         self._was_connected = True
                         self.connected.set()
                         log.info("connected to controller %s as host %s",
-                                 self.config.controller, self.config.host_id)
+                                 self.controller, self.config.host_id)
                     self._handle(message, outbound)
             finally:
                 self._outbound = None
@@ -168,12 +186,12 @@ class ControllerSession:
         cfg = self.config
         options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_permit_without_calls", 1)]
         if not (cfg.tls_ca_file or cfg.tls_cert_file):
-            return grpc.aio.insecure_channel(cfg.controller, options=options)
+            return grpc.aio.insecure_channel(self.controller, options=options)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=Path(cfg.tls_ca_file).read_bytes() if cfg.tls_ca_file else None,
             private_key=Path(cfg.tls_key_file).read_bytes() if cfg.tls_key_file else None,
             certificate_chain=Path(cfg.tls_cert_file).read_bytes() if cfg.tls_cert_file else None)
-        return grpc.aio.secure_channel(cfg.controller, credentials, options=options)
+        return grpc.aio.secure_channel(self.controller, credentials, options=options)
 
     def _handle(self, message: agent_pb2.ConnectResponse,
                 outbound: asyncio.Queue[agent_pb2.ConnectRequest]) -> None:
@@ -286,6 +304,14 @@ class ControllerSession:
             agent_rss_bytes=me.memory_info().rss)
         vms = self.sampler.take_fresh() if self.sampler is not None else []
         return agent_pb2.Heartbeat(health=host_pb2.HOST_HEALTH_READY, metrics=metrics, vms=vms)
+
+
+def controller_targets(spec: str) -> list[str]:
+    """The replica addresses in a `controller` setting (at least one)."""
+    targets = [part.strip() for part in spec.split(",") if part.strip()]
+    if not targets:
+        raise ValueError("controller: no address given")
+    return targets
 
 
 def _describe(exc: BaseException) -> str:

@@ -152,7 +152,8 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                  host_lease_ttl: int = 10, *, heartbeat_interval: float = 2.0,
                  heartbeat_timeout: float = 15.0, max_heartbeat_rate: float = 1000.0,
                  max_concurrent_registrations: int = 64,
-                 on_host_change: Callable[[str], None] | None = None) -> None:
+                 on_host_change: Callable[[str], None] | None = None,
+                 removal_retry_interval: float = 10.0) -> None:
         self.store = store
         self.cache = cache
         self.telemetry = telemetry
@@ -166,6 +167,8 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         self.heartbeats = HeartbeatPolicy(heartbeat_interval, heartbeat_timeout,
                                           max_heartbeat_rate)
         self._registrations = asyncio.Semaphore(max(1, max_concurrent_registrations))
+        self.removal_retry_interval = removal_retry_interval
+        self._removals: asyncio.Task[None] | None = None
         # The sessions, least recently heard from first.
         self._by_beat: OrderedDict[str, AgentSession] = OrderedDict()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -179,9 +182,11 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         await self.lease.start()
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="desired-dispatch")
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="heartbeat-sweep")
+        self._removals = asyncio.create_task(self._resend_removals_forever(),
+                                             name="removal-resend")
 
     async def stop(self) -> None:
-        for task in (self._dispatcher, self._sweeper):
+        for task in (self._dispatcher, self._sweeper, self._removals):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -251,6 +256,24 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                 log.warning("host %s silent for %.0fs", session.host_id,
                             time.time() - session.last_heartbeat)
                 self._notify(session.host_id)
+
+    async def _resend_removals_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.removal_retry_interval)
+            self.resend_removals()
+
+    def resend_removals(self) -> None:
+        """Deletions a host connected here has not confirmed within the retry interval are
+        sent again: a lost removal or report must not leave a record deleting for ever.
+        O(the records marked for deletion)."""
+        stale = now() - self.removal_retry_interval
+        for vm_id in list(self.cache.deleting):
+            stored = self.cache.get(vm_id)
+            if stored is None or stored.record.modified_timestamp > stale:
+                continue
+            session = self.sessions.get(stored.record.host_id)
+            if session is not None:
+                session.send(desired_message(stored.record))
 
     async def _restore_alive(self, lease_id: int) -> None:
         """After the replica's lease was re-granted: put back the alive keys of the hosts

@@ -32,9 +32,15 @@ class ControllerConfig:
     # TTL in seconds of this replica's etcd lease, which holds the alive keys of its hosts:
     # when the replica dies, its hosts count as disconnected this long after.
     host_lease_ttl: int = 10
-    # A VM deleted while its host is away is forgotten after this many seconds (the
-    # agent removes it when it returns).
+    # Fencing timeout: a VM deleted while its host is away keeps its resources reserved
+    # (it may still run there) until the host confirms the removal, or until the host has
+    # been away this many seconds; then it is forgotten (the agent removes it when it
+    # returns).
     forget_deleted_after: float = 60.0
+    # Seconds after which a deletion a connected host has not confirmed is sent again.
+    removal_retry_interval: float = 10.0
+    # Seconds the answer to a call carrying a request_id is kept for its retries (AIP-155).
+    request_id_retention: float = 3600.0
     # Name of this replica in the leader election; empty means hostname:listen.
     identity: str = ""
     # Hotplug-ready VMs reserve their maximum vCPUs and memory on the host.

@@ -93,7 +93,14 @@ class HostCommits:
         allocated = base.allocation.allocated
         vcpus, memory = allocated.vcpus, allocated.memory_bytes
         taken: list[_Pending] = []
+        # Two creates of one id (a client's retry racing its first try) cannot share a
+        # transaction: the second waits for the next, where it finds the first's VM.
+        ids: set[str] = set()
+        later: list[_Pending] = []
         for pending in batch:
+            if pending.record.vm_id in ids:
+                later.append(pending)
+                continue
             fits = view is not None and (vcpus + pending.demand.vcpus <= view.allocatable_vcpus
                                          and memory + pending.demand.memory
                                          <= view.allocatable_memory)
@@ -112,6 +119,9 @@ class HostCommits:
             vcpus += pending.demand.vcpus
             memory += pending.demand.memory
             taken.append(pending)
+            ids.add(pending.record.vm_id)
+        if later:
+            self._queues[host_id] = later + self._queues.get(host_id, [])
         if not taken:
             return
         new_allocation = records_pb2.Allocation(

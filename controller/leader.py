@@ -3,9 +3,10 @@
 Any replica serves the API (every write is a revision-checked transaction); one
 elected leader runs fleet-wide housekeeping, so that it is done once:
 
-- a VM marked for deletion whose host has been gone longer than `forget_after`
-  is forgotten (its record deleted, its resources given back); the agent removes
-  the VM itself when it reconnects and finds it no longer desired.
+- a VM marked for deletion whose host has been gone longer than `forget_after` (the
+  fencing timeout) is forgotten: its record deleted, its resources given back. Until
+  then they stay reserved, since the VM may still run there; the agent removes the VM
+  itself when it reconnects and finds it no longer desired.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import time
 from controller.etcd import EtcdError
 from controller.fleet import Fleet
 from controller.store import Store
+from controller.vm_cache import VmCache
 
 log = logging.getLogger(__name__)
 ELECTION = "controller-leader"
 
 
 class Leadership:
-    def __init__(self, store: Store, fleet: Fleet, identity: str, lease_ttl: int = 5,
-                 interval: float = 2.0, forget_after: float = 60.0) -> None:
+    def __init__(self, store: Store, fleet: Fleet, cache: VmCache, identity: str,
+                 lease_ttl: int = 5, interval: float = 2.0, forget_after: float = 60.0) -> None:
         self.store = store
+        self.cache = cache
         self.fleet = fleet
         self.identity = identity
         self.lease_ttl = lease_ttl
@@ -77,21 +80,24 @@ class Leadership:
                     await self.store.etcd.resign(leader)
 
     async def housekeeping(self) -> None:
+        """Finish the deletions whose host stayed away past the fencing timeout. Reads the
+        cache's records marked for deletion only, never the whole fleet."""
         alive = self.fleet.alive_hosts()
         now = time.monotonic()
         for host in list(self._down_since):
             if host in alive or self.fleet.host_connected(host):
                 del self._down_since[host]
-        stored, _ = await self.store.list_vms()
-        for s in stored:
-            record = s.record
-            if not record.deleting or self.fleet.host_connected(record.host_id):
+        for vm_id in list(self.cache.deleting):
+            stored = self.cache.get(vm_id)
+            if stored is None or self.fleet.host_connected(stored.record.host_id):
                 continue
+            record = stored.record
             since = self._down_since.setdefault(record.host_id, now)
             if now - since >= self.forget_after:
-                if await self.store.delete_vm(record.vm_id, expected=s):
-                    log.info("forgot vm %s: deleted while its host %s stayed away",
-                             record.vm_id, record.host_id, extra={"vm_id": record.vm_id})
+                if await self.store.delete_vm(record.vm_id, expected=stored):
+                    log.info("forgot vm %s: deleted while its host %s stayed away past the "
+                             "fencing timeout", record.vm_id, record.host_id,
+                             extra={"vm_id": record.vm_id})
 
     async def current_leader(self) -> str:
         kv = await self.store.etcd.leader(self.election)

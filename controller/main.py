@@ -57,7 +57,8 @@ class Controller:
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout,
             max_heartbeat_rate=config.max_heartbeat_rate,
-            max_concurrent_registrations=config.max_concurrent_registrations)
+            max_concurrent_registrations=config.max_concurrent_registrations,
+            removal_retry_interval=config.removal_retry_interval)
         self.fleet = Fleet(self.store, self.hub)
         self.hub.on_host_change = self.fleet.refresh
         self.networks = Networks(self.store)
@@ -65,10 +66,12 @@ class Controller:
                              VmServiceSettings(
                                  operation_timeout=config.operation_timeout,
                                  reserve_hotplug_maximum=config.reserve_hotplug_maximum,
-                                 backend_preference=tuple(config.backend_preference)),
+                                 backend_preference=tuple(config.backend_preference),
+                                 request_id_retention=config.request_id_retention),
                              self.networks, access=self._access)
         self.leadership = Leadership(
-            self.store, self.fleet, config.identity or f"{socket.gethostname()}:{config.listen}",
+            self.store, self.fleet, self.cache,
+            config.identity or f"{socket.gethostname()}:{config.listen}",
             forget_after=config.forget_deleted_after)
         self.health = health.aio.HealthServicer()
         self.telemetry.register_collector(

@@ -25,6 +25,9 @@ from controller.store import Store, StoredVm
 from vmm.store.v1 import records_pb2
 
 log = logging.getLogger(__name__)
+# Deletions remembered against writes they overtook; a write in flight is one etcd round
+# trip old, so the most recent few thousand are plenty.
+MAX_TOMBSTONES = 4096
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,11 @@ class VmCache:
         self.by_namespace: dict[str, set[str]] = {}
         # The ids of `vms` in order, for paged listings.
         self.sorted_ids: list[str] = []
+        # The ids of the cached records marked for deletion.
+        self.deleting: set[str] = set()
+        # vm id -> revision of its deletion, for the most recent deletions the watch applied:
+        # a write of this replica's that the deletion overtook must not bring the VM back.
+        self._deleted: dict[str, int] = {}
         # Each VM as the watch last delivered it: what a change is a change *from*.
         self._watched: dict[str, StoredVm] = {}
         self.revision = 0
@@ -105,6 +113,8 @@ class VmCache:
         yet, and wake whoever waits on that VM."""
         vm_id = stored.record.vm_id
         cached = self.vms.get(vm_id)
+        if cached is None and stored.revision <= self._deleted.get(vm_id, 0):
+            return  # the watch has already applied a later delete: do not bring it back
         if cached is None or cached.revision < stored.revision:
             self._store(vm_id, stored)
             self._wake(vm_id)
@@ -114,8 +124,12 @@ class VmCache:
         if change.current is None:
             self._store(change.vm_id, None)
             self._watched.pop(change.vm_id, None)
+            self._deleted[change.vm_id] = change.revision
+            if len(self._deleted) > MAX_TOMBSTONES:
+                del self._deleted[next(iter(self._deleted))]
         else:
             self._watched[change.vm_id] = change.current
+            self._deleted.pop(change.vm_id, None)
         if change.current is not None and (
                 cached is None or cached.revision <= change.current.revision):
             self._store(change.vm_id, change.current)
@@ -135,6 +149,10 @@ class VmCache:
         new_host = stored.record.host_id if stored is not None else None
         if stored is not None:
             self.vms[vm_id] = stored
+        if stored is not None and stored.record.deleting:
+            self.deleting.add(vm_id)
+        else:
+            self.deleting.discard(vm_id)
         if old is None and stored is not None:
             bisect.insort(self.sorted_ids, vm_id)
         elif old is not None and stored is None:

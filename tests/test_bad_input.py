@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import grpc
 import pytest
 
 from tests.support.api import bad_fields, etcd_revision
-from tools.fleet.cluster import Cluster
+from tests.support.invariants import read_fleet
+from tools.fleet.cluster import Cluster, wait_until
 from vmm.v1 import vm_pb2
 
 
@@ -86,10 +88,12 @@ def test_unknown_vm_and_reused_id(cluster: Cluster,
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert "nope" in err.value.details()
     cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="once", config=example("lambda-function")))
+    # The agent's report may answer the call before its write lands: let it land.
+    wait_until(lambda: asyncio.run(read_fleet([cluster.etcd.endpoint])).records["once"]
+               .status.observed_generation == 1, what="the create's report in etcd")
     before = etcd_revision(cluster)
     with pytest.raises(grpc.RpcError) as err:
-        cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="once",
-                                                    config=example("lambda-function")))
+        cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="once", config=example("ci-runner")))
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert etcd_revision(cluster) == before
 

@@ -60,7 +60,8 @@ class DeviceRpcs:
     async def _hotplug(self, vm_id: str, feature_key: str,
                        request: agent_pb2.HotplugRequest,
                        update: Callable[[records_pb2.VmRecord], None]) -> vm_pb2.VmState.ValueType:
-        stored = self.ops.get(vm_id)
+        # A boot still under way is waited for: the VM is about to be running.
+        stored = await self.ops.settled(vm_id, "change", self.ops.settings.operation_timeout)
         record = stored.record
         caps = self.ops.fleet.capabilities(record.host_id, record.backend)
         if caps is not None and (msg := validation.required_feature(caps, feature_key)):

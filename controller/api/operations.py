@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from controller import validation
 from controller.access import ALL_NAMESPACES, DEFAULT_NAMESPACE, Access, Caller, Quota
 from controller.agent_hub import AgentHub, AgentSession
+from controller.api.requests import DEFAULT_RETENTION, RequestLog
 from controller.auth import current_caller
 from controller.errors import (
     ApiError,
@@ -35,6 +37,7 @@ from vmm.v1 import vm_pb2
 
 S = vm_pb2.VmState
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class VmServiceSettings:
                                            features.QEMU)
     # Seconds added to a shutdown's own timeout before the RPC gives up waiting.
     shutdown_grace: float = 15.0
+    # Seconds an answer to a call with a request_id is kept for its retries (AIP-155).
+    request_id_retention: float = DEFAULT_RETENTION
 
 
 def api_method(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -81,6 +86,22 @@ def permission_denied(caller: Caller, namespace: str) -> ApiError:
                     f"{caller.describe()} may not use namespace {namespace!r}")
 
 
+def idempotent(response_type: type[M]
+               ) -> Callable[[Callable[..., Awaitable[M]]], Callable[..., Awaitable[M]]]:
+    """Carry out a call with a request_id once; its retries get the first answer."""
+
+    def decorate(handler: Callable[..., Awaitable[M]]) -> Callable[..., Awaitable[M]]:
+        @functools.wraps(handler)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> M:
+            return await self.ops.requests.once(
+                handler.__name__, request, response_type,
+                lambda: handler(self, request, context))
+
+        return wrapper
+
+    return decorate
+
+
 def state_name(state: int) -> str:
     return vm_pb2.VmState.Name(state).removeprefix("VM_STATE_")  # type: ignore[arg-type]
 
@@ -107,6 +128,7 @@ class VmOperations:
         self.telemetry = telemetry
         self.settings = settings
         self.access = access
+        self.requests = RequestLog(store, settings.request_id_retention)
 
     def get(self, vm_id: str) -> StoredVm:
         """The VM, if the caller may see its namespace: one of another namespace is
@@ -175,17 +197,49 @@ class VmOperations:
             f"host {record.host_id} has not reported it within {timeout:.0f}s; it will be "
             "applied when the host catches up")
 
-    async def transition(self, vm_id: str, verb: str, allowed: set[int], target: int,
-                         feature_key: str, edit: Callable[[records_pb2.VmRecord], None] | None
-                         = None, timeout: float | None = None) -> vm_pb2.VmState.ValueType:
+    async def settled(self, vm_id: str, verb: str, timeout: float) -> StoredVm:
+        """The VM's record once no change of it is under way. A generation its agent has not
+        carried out yet (a create not yet reported, a boot in progress) is waited for, not
+        refused: the state it would be refused for is about to change."""
         stored = self.get(vm_id)
         record = stored.record
+        if record.status.observed_generation >= record.generation or record.deleting \
+                or not self.fleet.host_connected(record.host_id):
+            return stored
+        try:
+            found = await self.cache.wait_for(
+                vm_id, lambda s: s is None or s.record.deleting
+                or s.record.status.observed_generation >= s.record.generation, timeout)
+        except TimeoutError:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE,
+                           f"cannot {verb} vm {vm_id} yet: host {record.host_id} is still "
+                           f"carrying out its generation {record.generation}; try again") \
+                from None
+        if found is None:
+            raise not_found(vm_id)
+        return found
+
+    async def transition(self, vm_id: str, verb: str, allowed: set[int], target: int,
+                         feature_key: str, edit: Callable[[records_pb2.VmRecord], None] | None
+                         = None, timeout: float | None = None, repeatable: bool = True
+                         ) -> vm_pb2.VmState.ValueType:
+        """Record the target state and wait until the agent has carried it out.
+
+        repeatable: asking again for the state the VM is in (and meant to be in) succeeds
+        at once, so a retried call is answered like the first one."""
+        timeout = timeout or self.settings.operation_timeout
+        stored = await self.settled(vm_id, verb, timeout)
+        record = stored.record
         if record.deleting:
-            raise failed_precondition(f"cannot {verb} vm {vm_id}: it is being deleted")
+            raise ApiError(grpc.StatusCode.ABORTED,
+                           f"cannot {verb} vm {vm_id}: it is being deleted")
         state = self.current_state(record)
         if state == S.VM_STATE_UNKNOWN:
             raise ApiError(grpc.StatusCode.UNAVAILABLE,
                            f"cannot {verb} vm {vm_id}: its host {record.host_id} is not connected")
+        if repeatable and state == target and record.desired_state == target \
+                and not record.status.error:
+            return state
         if state not in allowed:
             raise failed_precondition(f"cannot {verb} vm {vm_id}: it is {state_name(state)}")
         caps = self.fleet.capabilities(record.host_id, record.backend)
@@ -204,8 +258,7 @@ class VmOperations:
         if written is None:
             raise not_found(vm_id)
         self.cache.note_write(written)
-        result = await self.await_generation(written.record,
-                                             timeout or self.settings.operation_timeout)
+        result = await self.await_generation(written.record, timeout)
         if result is None:
             raise not_found(vm_id)
         status = result.record.status
@@ -216,6 +269,12 @@ class VmOperations:
                 await self._roll_back(vm_id, written.record.generation, before)
             raise ApiError(code_from_name(status.error_code or "FAILED_PRECONDITION"),
                            f"{verb} vm {vm_id} failed: {status.error}")
+        if result.record.deleting or status.state != target:
+            # A later change (or the VM itself) moved it on: never OK with success=false.
+            now = "being deleted" if result.record.deleting else state_name(status.state)
+            reason = f": {status.reason}" if status.reason else ""
+            raise ApiError(grpc.StatusCode.ABORTED,
+                           f"{verb} vm {vm_id}: it is {now} now{reason}")
         return status.state
 
     async def _roll_back(self, vm_id: str, generation: int, state: int) -> None:

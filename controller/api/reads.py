@@ -31,7 +31,14 @@ class ReadRpcs:
             state_reason=self._reason(record), namespace=namespace_of(record))
 
     def _reason(self, record: records_pb2.VmRecord) -> str:
-        if not self.ops.fleet.host_connected(record.host_id):
+        connected = self.ops.fleet.host_connected(record.host_id)
+        if record.deleting and not connected:
+            return (f"being deleted: host {record.host_id} is not connected; its resources "
+                    "stay reserved until the host confirms the removal or the fencing "
+                    "timeout passes")
+        if record.deleting:
+            return f"being deleted: waiting for host {record.host_id} to remove it"
+        if not connected:
             return f"host {record.host_id} is not connected"
         return record.status.reason or record.status.error
 

@@ -20,6 +20,7 @@ from tools.bench.agent import bench_agent
 from tools.bench.firecracker import bench_firecracker
 from tools.bench.fleet import DEFAULT_SIZES, bench_fleet
 from tools.bench.qemu import bench_qemu
+from tools.bench.recovery import bench_recovery
 from tools.bench.scheduler import bench_scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +32,7 @@ BENCHMARKS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "scheduler": bench_scheduler,
     "fleet": bench_fleet,
     "agent": bench_agent,
+    "recovery": bench_recovery,
 }
 
 

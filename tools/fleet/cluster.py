@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
-from tools.fleet.etcd_server import EtcdServer, free_loopback_port
+from tools.fleet.etcd_server import EtcdCluster, EtcdServer, free_loopback_port
 from tools.guests.images import default_cache_dir
 from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2_grpc
 
@@ -99,10 +101,29 @@ def channel_with_token(address: str, token: str) -> grpc.Channel:
     return grpc.intercept_channel(grpc.insecure_channel(address), BearerToken(token))
 
 
+def etcd_leader(members: list[EtcdServer]) -> EtcdServer | None:
+    """The member that is the raft leader now, from each member's own metrics."""
+    for member in members:
+        if not member.running:
+            continue
+        try:
+            with urllib.request.urlopen(f"http://{member.endpoint}/metrics", timeout=2) as r:
+                if re.search(rb"^etcd_server_is_leader 1$", r.read(), re.MULTILINE):
+                    return member
+        except OSError:
+            continue
+    return None
+
+
 class Cluster:
-    def __init__(self, workdir: Path, operation_timeout: float = 20.0) -> None:
+    def __init__(self, workdir: Path, operation_timeout: float = 20.0,
+                 etcd_members: int = 1) -> None:
         self.workdir = workdir
-        self.etcd = EtcdServer(workdir / "etcd")
+        # With several members, `etcd` is the first of them and the controllers know all.
+        self.etcd_cluster = EtcdCluster(workdir / "etcd", etcd_members) \
+            if etcd_members > 1 else None
+        self.etcd = self.etcd_cluster.members[0] if self.etcd_cluster else \
+            EtcdServer(workdir / "etcd")
         self.port = free_loopback_port()
         self.http_port = free_loopback_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -119,7 +140,7 @@ class Cluster:
     def _controller_process(self, name: str, address: str, extra: list[str]) -> Process:
         return Process(name, [
             sys.executable, "-m", "controller.main", "--listen", address,
-            "--etcd-endpoints", self.etcd.endpoint,
+            "--etcd-endpoints", ",".join(self.etcd_endpoints),
             "--operation-timeout", str(self.operation_timeout), "--host-lease-ttl", "3",
             "--identity", name, "--log-level", "debug", *extra],
             self.workdir / f"{name}.log", self.env)
@@ -135,6 +156,10 @@ class Cluster:
         return replica, address
 
     @property
+    def etcd_endpoints(self) -> list[str]:
+        return self.etcd_cluster.endpoints if self.etcd_cluster else [self.etcd.endpoint]
+
+    @property
     def vms(self) -> vm_pb2_grpc.VmServiceStub:
         assert self.channel is not None
         return vm_pb2_grpc.VmServiceStub(self.channel)
@@ -145,7 +170,10 @@ class Cluster:
         return host_pb2_grpc.HostServiceStub(self.channel)
 
     def start(self) -> None:
-        self.etcd.start()
+        if self.etcd_cluster:
+            self.etcd_cluster.start()
+        else:
+            self.etcd.start()
         self.start_controller()
         plain = grpc.insecure_channel(self.address)
         grpc.channel_ready_future(plain).result(timeout=20)
@@ -216,7 +244,10 @@ class Cluster:
         for replica in self.replicas:
             replica.stop()
         self.controller.stop()
-        self.etcd.close()
+        if self.etcd_cluster:
+            self.etcd_cluster.close()
+        else:
+            self.etcd.close()
         kill_leftover_hypervisors(self.workdir)
 
 

@@ -665,6 +665,7 @@ class CreateVmRequest(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     HOST_ID_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     backend: _builtins.str
     """Additive: "firecracker", "cloud-hypervisor" or "qemu"; empty lets the
@@ -674,6 +675,11 @@ class CreateVmRequest(_message.Message):
     """Additive: pin the VM to this host; empty lets the scheduler choose."""
     namespace: _builtins.str
     """Additive: the namespace the VM belongs to; empty means "default"."""
+    request_id: _builtins.str
+    """Additive: an idempotency key (AIP-155), at most 64 characters of
+    [A-Za-z0-9._-]. A retry carrying the same request_id within the retention
+    (an hour by default) gets the first call's answer and changes nothing.
+    """
     @_builtins.property
     def config(self) -> Global___VmConfig: ...
     def __init__(
@@ -684,10 +690,11 @@ class CreateVmRequest(_message.Message):
         backend: _builtins.str = ...,
         host_id: _builtins.str = ...,
         namespace: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "host_id", b"host_id", "namespace", b"namespace", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "host_id", b"host_id", "namespace", b"namespace", "request_id", b"request_id", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -731,17 +738,24 @@ class DeleteVmRequest(_message.Message):
 
     VM_ID_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     force: _builtins.bool
+    request_id: _builtins.str
+    """Additive: an idempotency key (AIP-155), at most 64 characters of
+    [A-Za-z0-9._-]. A retry carrying the same request_id within the retention
+    (an hour by default) gets the first call's answer and changes nothing.
+    """
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
         force: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "request_id", b"request_id", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -771,15 +785,22 @@ class BootVmRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
+    request_id: _builtins.str
+    """Additive: an idempotency key (AIP-155), at most 64 characters of
+    [A-Za-z0-9._-]. A retry carrying the same request_id within the retention
+    (an hour by default) gets the first call's answer and changes nothing.
+    """
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -814,19 +835,26 @@ class ShutdownVmRequest(_message.Message):
     VM_ID_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     force: _builtins.bool
     timeout_seconds: _builtins.int
+    request_id: _builtins.str
+    """Additive: an idempotency key (AIP-155), at most 64 characters of
+    [A-Za-z0-9._-]. A retry carrying the same request_id within the retention
+    (an hour by default) gets the first call's answer and changes nothing.
+    """
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
         force: _builtins.bool = ...,
         timeout_seconds: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "timeout_seconds", b"timeout_seconds", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "request_id", b"request_id", "timeout_seconds", b"timeout_seconds", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -859,15 +887,22 @@ class PauseVmRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
+    request_id: _builtins.str
+    """Additive: an idempotency key (AIP-155), at most 64 characters of
+    [A-Za-z0-9._-]. A retry carrying the same request_id within the retention
+    (an hour by default) gets the first call's answer and changes nothing.
+    """
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -900,15 +935,22 @@ class ResumeVmRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
+    request_id: _builtins.str
+    """Additive: an idempotency key (AIP-155), at most 64 characters of
+    [A-Za-z0-9._-]. A retry carrying the same request_id within the retention
+    (an hour by default) gets the first call's answer and changes nothing.
+    """
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -942,17 +984,24 @@ class RebootVmRequest(_message.Message):
 
     VM_ID_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     force: _builtins.bool
+    request_id: _builtins.str
+    """Additive: an idempotency key (AIP-155), at most 64 characters of
+    [A-Za-z0-9._-]. A retry carrying the same request_id within the retention
+    (an hour by default) gets the first call's answer and changes nothing.
+    """
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
         force: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "request_id", b"request_id", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -207,3 +207,31 @@ class Allocation(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Allocation: _TypeAlias = Allocation  # noqa: Y015
+
+@_typing.final
+class RequestRecord(_message.Message):
+    """Key /vmm/requests/<method>/<request_id>, on a lease that bounds its retention: the first
+    answer to a call that carried that idempotency key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.str
+    """sha256 of the request as first received: a reuse for another request is refused."""
+    response: _builtins.bytes
+    """The serialized response."""
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.str = ...,
+        response: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestRecord: _TypeAlias = RequestRecord  # noqa: Y015
