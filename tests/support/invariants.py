@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from agent.process import WAITER
 from controller.etcd import EtcdClient
 from vmm.store.v1 import records_pb2
 from vmm.v1 import vm_pb2
@@ -55,13 +56,15 @@ def _socket_name(vm_id: str) -> str:
 
 
 def hypervisors(state_dir: Path) -> dict[str, list[int]]:
-    """Socket file name -> pids of the live processes serving it, for one agent."""
+    """Socket file name -> pids of the live processes serving it, for one agent (not the
+    waiter each runs under, whose command line names the same socket)."""
     sockets = str(state_dir / "sockets")
     found: dict[str, list[int]] = {}
     for p in psutil.process_iter(["cmdline", "status"]):
-        if p.info.get("status") == psutil.STATUS_ZOMBIE:
+        cmdline = p.info.get("cmdline") or []
+        if p.info.get("status") == psutil.STATUS_ZOMBIE or WAITER in cmdline:
             continue
-        for arg in p.info.get("cmdline") or []:
+        for arg in cmdline:
             if sockets in arg:
                 name = arg[arg.index(sockets) + len(sockets) + 1:].split(",")[0]
                 found.setdefault(Path(name).name, []).append(p.pid)
