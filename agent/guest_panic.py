@@ -57,7 +57,9 @@ class PanicScanner:
         Cheap when nothing was written since the last call (one stat)."""
         state = self._scans.get(vm.vm_id)
         if state is None:
-            boot = vm.load_console_boot_offset()
+            # A guest booted before boots were recorded: only output from now on counts.
+            boot = vm.load_console_boot_offset() if vm.console_boot_file.exists() \
+                else _console_size(vm)
             state = self._scans[vm.vm_id] = _Scan(boot, boot)
         if state.reason is not None:
             return state.reason

@@ -626,6 +626,15 @@ def test_console_log_prints_text_and_notes_truncation(server: str, fake: FakeVmS
     assert request.tail_lines == 2
 
 
+def test_console_reads_the_hypervisor_log_on_request(server: str, fake: FakeVmService) -> None:
+    assert run(server, "console", "vm-1").exit_code == 0
+    assert run(server, "console", "vm-1", "--source", "hypervisor").exit_code == 0
+
+    serial, hypervisor = fake.of_type(vm_pb2.GetConsoleLogRequest)
+    assert serial.source == vm_pb2.CONSOLE_SOURCE_SERIAL
+    assert hypervisor.source == vm_pb2.CONSOLE_SOURCE_HYPERVISOR
+
+
 def test_hosts_table_marks_simulated_backends(server: str) -> None:
     result = run(server, "hosts")
 
