@@ -3,6 +3,7 @@ variables (VMM_AGENT_<FIELD>) and flags, in increasing order of precedence."""
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,42 @@ class AgentConfig:
         return Path(self.state_dir)
 
 
+ENV_PREFIX = "VMM_AGENT_"
+# Environment variables of the previous release, read for this one only when the setting
+# is not given otherwise: the variable each now stands for.
+DEPRECATED_ENV = {
+    "VMM_FIRECRACKER_BINARY": f"{ENV_PREFIX}FIRECRACKER_BINARY",
+    "VMM_CLOUD_HYPERVISOR_BINARY": f"{ENV_PREFIX}CLOUD_HYPERVISOR_BINARY",
+}
+
+
 def load(argv: list[str] | None = None) -> AgentConfig:
     return load_settings(AgentConfig, argv, prog="vmm-agent",
                          description="The vmm-control-plane agent.",
-                         table="agent", env_prefix="VMM_AGENT_")
+                         table="agent", env_prefix=ENV_PREFIX)
+
+
+def apply_deprecated_environment(config: AgentConfig) -> list[str]:
+    """Take settings left empty from DEPRECATED_ENV; one warning for each variable set."""
+    warnings = []
+    for old, new in DEPRECATED_ENV.items():
+        value = os.environ.get(old)
+        if not value:
+            continue
+        name = new.removeprefix(ENV_PREFIX).lower()
+        if getattr(config, name):
+            warnings.append(f"{old} is deprecated and ignored here: {name} is already set; "
+                            f"unset {old}")
+        else:
+            setattr(config, name, value)
+            warnings.append(f"{old} is deprecated and will stop working in the next release; "
+                            f"set {new} instead")
+    return warnings
+
+
+def binary_from_environment(backend: str) -> str:
+    """The binary the environment names for a backend, as the agent reads it: its
+    VMM_AGENT_<BACKEND>_BINARY, else the deprecated name; "" when neither is set."""
+    new = f"{ENV_PREFIX}{backend.replace('-', '_').upper()}_BINARY"
+    old = next((name for name, current in DEPRECATED_ENV.items() if current == new), "")
+    return os.environ.get(new) or (os.environ.get(old, "") if old else "")

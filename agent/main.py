@@ -104,6 +104,8 @@ def raise_open_files_limit() -> None:
 def main(argv: list[str] | None = None) -> None:
     config = config_module.load(argv)
     setup_logging(config.log_level, "agent")
+    for warning in config_module.apply_deprecated_environment(config):
+        log.warning("%s", warning)
     if config.log_level.lower() != "debug":
         # One line per hypervisor API request (metrics samples included) is debug detail.
         logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -11,7 +11,7 @@ import grpc
 from controller import scheduler, validation
 from controller.access import DEFAULT_NAMESPACE
 from controller.api.operations import S, VmOperations, raise_for_reply
-from controller.errors import ApiError, failed_precondition, invalid
+from controller.errors import ApiError, Violation, failed_precondition, invalid
 from controller.host_commits import HostCommits
 from controller.store import StoredVm, now
 from vmm.agent.v1 import agent_pb2
@@ -60,6 +60,7 @@ class Placer:
                 self.ops.telemetry.observe_placement(time.perf_counter() - started, "exhausted")
                 raise self._no_placement(request, choice)
             host_id, demand = choice.host.host_id, choice.demand
+            self._refuse_shared_writable_disks(host_id, vm_id, config)
             fleet.index.reserve(host_id, demand)
             try:
                 await self._preflight(choice, vm_id, config)
@@ -124,6 +125,34 @@ class Placer:
                 f"{validation.human_bytes(max(best.free_memory, 0))} free") if best else ""
         return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"no host has room for {why.demand.describe()} on {wanted}{free}")
+
+    def _refuse_shared_writable_disks(self, host_id: str, vm_id: str,
+                                      config: vm_pb2.VmConfig) -> None:
+        """Two VMs must never write one disk image: the guests' file systems would corrupt
+        each other, and hypervisors that lock images (Cloud Hypervisor, QEMU) fail to boot
+        the second. A writable disk may have no other user on its host; a read-only one no
+        writer. Checked against this replica's cache (an index by host and path) and the
+        config's own other disks."""
+        violations: list[Violation] = []
+        seen: dict[str, int] = {}
+        for i, disk in enumerate(config.storage):
+            field_path = f"config.storage[{i}].path"
+            first = seen.setdefault(disk.path, i)
+            if first != i and not (disk.read_only and config.storage[first].read_only):
+                violations.append(Violation(field_path, f"{disk.path!r} is also "
+                                            f"config.storage[{first}]; an image written by "
+                                            "one disk cannot be another"))
+                continue
+            for other, writable in sorted(self.ops.cache.users_of_disk(host_id,
+                                                                       disk.path).items()):
+                if other != vm_id and (writable or not disk.read_only):
+                    violations.append(Violation(field_path, (
+                        f"{disk.path!r} on host {host_id} is already "
+                        f"{'written' if writable else 'read'} by VM {other!r}; two VMs "
+                        "cannot share an image one of them writes")))
+                    break
+        if violations:
+            raise invalid(violations)
 
     async def _preflight(self, choice: scheduler.Choice, vm_id: str,
                          config: vm_pb2.VmConfig) -> None:

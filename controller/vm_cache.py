@@ -48,6 +48,9 @@ class VmCache:
         self.by_host: dict[str, set[str]] = {}
         # namespace -> ids of the VMs in `vms` of that namespace, kept current with `vms`.
         self.by_namespace: dict[str, set[str]] = {}
+        # (host id, disk path) -> {vm id: writable?} for every disk of the VMs in `vms`:
+        # who uses an image on a host, found without a scan.
+        self.disk_users: dict[tuple[str, str], dict[str, bool]] = {}
         # The ids of `vms` in order, for paged listings.
         self.sorted_ids: list[str] = []
         # The ids of the cached records marked for deletion.
@@ -153,6 +156,7 @@ class VmCache:
             self.deleting.add(vm_id)
         else:
             self.deleting.discard(vm_id)
+        self._index_disks(vm_id, old, stored)
         if old is None and stored is not None:
             bisect.insort(self.sorted_ids, vm_id)
         elif old is not None and stored is None:
@@ -160,6 +164,24 @@ class VmCache:
         _move(self.by_host, vm_id, old_host, new_host)
         _move(self.by_namespace, vm_id, namespace_of(old.record) if old else None,
               namespace_of(stored.record) if stored else None)
+
+    def _index_disks(self, vm_id: str, old: StoredVm | None, new: StoredVm | None) -> None:
+        for stored, keep in ((old, False), (new, True)):
+            if stored is None:
+                continue
+            host = stored.record.host_id
+            for disk in stored.record.config.storage:
+                key = (host, disk.path)
+                if keep:
+                    self.disk_users.setdefault(key, {})[vm_id] = not disk.read_only
+                elif (users := self.disk_users.get(key)) is not None:
+                    users.pop(vm_id, None)
+                    if not users:
+                        del self.disk_users[key]
+
+    def users_of_disk(self, host_id: str, path: str) -> dict[str, bool]:
+        """The VMs on a host that use the disk image at path: vm id -> writable?"""
+        return self.disk_users.get((host_id, path), {})
 
     def get(self, vm_id: str) -> StoredVm | None:
         return self.vms.get(vm_id)

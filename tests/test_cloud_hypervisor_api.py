@@ -353,3 +353,29 @@ def test_resized_vm_keeps_its_size_across_an_agent_restart(
     # And it is still driven: the next resize goes through.
     assert vms.api.ResizeVm(vm_pb2.ResizeVmRequest(vm_id="kept", vcpu_count=16)).vcpu_count == 16
     assert vms.running("kept")["cpus"]["boot_vcpus"] == 16
+
+
+# ---- disk images shared between VMs ------------------------------------------------------
+
+
+def test_two_vms_are_never_given_one_writable_image(
+        vms: Vms, example: Callable[[str], vm_pb2.VmConfig]) -> None:
+    first = example("web-application")
+    vms.create("writer", first, boot=False)
+    second = example("web-application")  # the same two writable images
+    second.ClearField("network")
+    with pytest.raises(grpc.RpcError) as refused:
+        vms.create("second-writer", second, boot=False)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(refused.value) == ["config.storage[0].path", "config.storage[1].path"]
+    assert "VM 'writer'" in refused.value.details()
+    # A read-only user of a written image is refused too; read-only users share one.
+    reader = example("web-application")
+    reader.ClearField("network")
+    del reader.storage[1]
+    reader.storage[0].read_only = True
+    with pytest.raises(grpc.RpcError) as refused:
+        vms.create("reader", reader, boot=False)
+    assert bad_fields(refused.value) == ["config.storage[0].path"]
+    vms.create("ci-1", example("ci-runner"), boot=False)
+    vms.create("ci-2", example("ci-runner"), boot=False)

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from agent import process
+from agent.config import binary_from_environment
 from agent.hypervisors.cloud_hypervisor_api import (
     CloudHypervisorApi,
     CloudHypervisorApiError,
@@ -31,9 +33,15 @@ from agent.runtimes.base import RuntimeFailure, RuntimeSettings
 from agent.runtimes.cloud_hypervisor import (
     CloudHypervisorRuntime,
     cloud_hypervisor_capabilities,
+    offers_gdb,
     simulator_path,
 )
-from agent.runtimes.cloud_hypervisor_config import running_config, translate_config
+from agent.runtimes.cloud_hypervisor_config import (
+    MAX_REQUEST_BYTES,
+    request_bytes,
+    running_config,
+    translate_config,
+)
 from agent.runtimes.readiness import READY_MARKER_OPTION
 from agent.vm_dir import StateDir, VmDir
 from vmm import features
@@ -46,8 +54,8 @@ GIB = 1 << 30
 SHORT_SHUTDOWN = 0.3
 # Generous bound for things that normally take milliseconds; never asserted on.
 PATIENCE = 10.0
-NO_BINARY = ("no real cloud-hypervisor binary: set VMM_CLOUD_HYPERVISOR_BINARY or put "
-             "cloud-hypervisor on PATH")
+NO_BINARY = ("no real cloud-hypervisor binary: set VMM_AGENT_CLOUD_HYPERVISOR_BINARY or "
+             "put cloud-hypervisor on PATH")
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ def _settings(**overrides: Any) -> RuntimeSettings:
 
 
 def _real_backend(tmp_path_factory: pytest.TempPathFactory) -> Backend:
-    binary = os.environ.get("VMM_CLOUD_HYPERVISOR_BINARY") or shutil.which("cloud-hypervisor")
+    binary = binary_from_environment("cloud-hypervisor") or shutil.which("cloud-hypervisor")
     if not binary:
         pytest.skip(NO_BINARY)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -695,3 +703,84 @@ def test_detect() -> None:
         RuntimeSettings(binary="/nonexistent/cloud-hypervisor")) is None
     backend = simulated.describe()
     assert backend.simulated and backend.capabilities.backend == "cloud-hypervisor"
+
+
+def test_what_cloud_hypervisor_refuses_at_boot_is_refused_at_create() -> None:
+    config = vm_pb2.VmConfig(
+        cpu=vm_pb2.CpuConfig(vcpu_count=2), memory=vm_pb2.MemoryConfig(size_bytes=GIB),
+        boot=vm_pb2.BootConfig(kernel_path="/k"),
+        storage=[
+            vm_pb2.StorageDevice(path="/a.img", options={"queue_size": "2",
+                                                          "serial": "s" * 21}),
+            vm_pb2.StorageDevice(interface_type="vhost-user", options={
+                "vhost_socket": "/run/blk.sock", "rate_limit_ops": "100"}),
+            vm_pb2.StorageDevice(path="/b.img", options={"rate_limit_burst": "5",
+                                                          "num_queues": "3"}),
+        ],
+        network=[
+            vm_pb2.NetworkInterface(tap_device="t0", options={"num_queues": "1", "mtu": "1279"}),
+            vm_pb2.NetworkInterface(tap_device="t1", options={"num_queues": "6"}),
+            vm_pb2.NetworkInterface(tap_device="t2", options={"num_queues": "4", "mtu": "1280",
+                                                              "queue_size": "256"}),
+        ])
+    fields = {v.field for v in translate_config(config)[1]}
+    assert fields == {
+        "config.storage[0].options[queue_size]", "config.storage[0].options[serial]",
+        "config.storage[1].options[rate_limit_ops]",
+        "config.storage[2].options[rate_limit_burst]", "config.storage[2].options[num_queues]",
+        "config.network[0].options[num_queues]", "config.network[0].options[mtu]",
+        "config.network[1].options[num_queues]",
+    }
+
+
+def test_vm_create_never_exceeds_the_api_request_limit() -> None:
+    def pinned(vcpus: int, host_cpus: str) -> vm_pb2.VmConfig:
+        return vm_pb2.VmConfig(
+            cpu=vm_pb2.CpuConfig(vcpu_count=vcpus, features={"affinity": host_cpus}),
+            memory=vm_pb2.MemoryConfig(size_bytes=GIB), boot=vm_pb2.BootConfig(kernel_path="/k"))
+
+    # The declared maximum, pinned as the capability detail says, fits.
+    fits, violations = translate_config(pinned(448, "0-31"))
+    assert violations == [] and request_bytes(fits) <= MAX_REQUEST_BYTES
+    [violation] = translate_config(pinned(448, "0-63"))[1]
+    assert violation.field == "config.cpu.features[affinity]"
+    assert "51200" in violation.description and "448 vCPUs" in violation.description
+
+
+async def test_the_simulated_release_build_offers_no_gdb(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    simulated = CloudHypervisorRuntime.detect(RuntimeSettings(force_simulator=True))
+    if simulated is None:
+        pytest.skip("the cloud-hypervisor-sim console script is not installed")
+
+    def gdb_support() -> int:
+        offers_gdb.cache_clear()
+        return features.support_of(simulated.capabilities(), "debug.gdb").support
+
+    monkeypatch.delenv("CLOUD_HYPERVISOR_SIM_GUEST_DEBUG", raising=False)
+    assert gdb_support() == host_pb2.SUPPORT_NONE
+    monkeypatch.setenv("CLOUD_HYPERVISOR_SIM_GUEST_DEBUG", "1")
+    assert gdb_support() == host_pb2.SUPPORT_FULL
+    offers_gdb.cache_clear()
+
+
+async def test_a_pending_vcpu_removal_is_explained(backend: Backend, vm: VmDir) -> None:
+    # A guest without ACPI CPU hotplug never ejects removed vCPUs.
+    await backend.runtime.boot(vm, desired_vm(backend, vcpus=2, max_vcpus=4,
+                                              extra_args="acpi=off"))
+    await backend.runtime.hotplug(vm, hotplug(resize=vm_pb2.ResizeVmRequest(vcpu_count=1)))
+    with pytest.raises(RuntimeFailure) as refused:
+        await backend.runtime.hotplug(vm, hotplug(resize=vm_pb2.ResizeVmRequest(vcpu_count=3)))
+    assert refused.value.code == "FAILED_PRECONDITION"
+    assert "vCPU removal pending" in refused.value.message
+
+
+async def test_the_hypervisor_log_keeps_info_lines_and_the_previous_run(
+        backend: Backend, vm: VmDir) -> None:
+    await backend.runtime.create(vm, desired_vm(backend))
+    argv = psutil.Process(recorded_pid(vm)).cmdline()
+    assert "-v" in argv  # info: API errors are logged there
+    await backend.runtime.destroy(vm)
+    first_run = vm.hypervisor_log.read_text()
+    await backend.runtime.create(vm, desired_vm(backend))
+    assert vm.hypervisor_log.with_name(vm.hypervisor_log.name + ".1").read_text() == first_run

@@ -721,3 +721,132 @@ async def test_version_flag() -> None:
                           timeout=PATIENCE, check=False)
     assert done.returncode == 0
     assert done.stdout.split()[:2] == ["cloud-hypervisor", "v53.0"]
+
+
+# ---- limits and checks of the real binary ---------------------------------------------------
+
+
+async def test_micro_http_refuses_a_body_over_51200_bytes(sim: Sim, files: dict[str, Path]) -> None:
+    config = vm_config(files, cpus={"boot_vcpus": 1, "max_vcpus": 1,
+                                    "affinity": [{"vcpu": 0, "host_cpus": [0]}] * 4000})
+    raw = json.dumps(config).encode()
+    assert len(raw) > 51200
+    response = await sim.call("PUT", "vm.create", raw=raw)
+    assert response.status_code == 400
+    assert response.headers["server"] == "Firecracker API"  # micro_http's own answer
+    assert response.text.startswith(f'{{ "error": "Request payload with size {len(raw)} is '
+                                    "larger than the limit of 51200 allowed by server.")
+    fresh = Sim.__new__(Sim)  # the refused connection is spoilt; a new one is served
+    fresh.client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sim.socket)),
+                                     base_url="http://localhost", timeout=PATIENCE)
+    try:
+        assert (await fresh.call("GET", "vm.info")).status_code == 404  # nothing created
+    finally:
+        await fresh.client.aclose()
+
+
+async def test_micro_http_serves_at_most_ten_connections(sim: Sim) -> None:
+    import socket as sockets
+
+    held = []
+    try:
+        for _ in range(10):
+            conn = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+            conn.connect(str(sim.socket))
+            held.append(conn)
+        await asyncio.sleep(0.2)  # let the server take them
+        eleventh = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+        eleventh.settimeout(PATIENCE)
+        eleventh.connect(str(sim.socket))
+        answer = eleventh.recv(4096)
+        eleventh.close()
+        assert answer == (b'HTTP/1.1 503\r\nServer: Firecracker API\r\nConnection: close\r\n'
+                          b'Content-Length: 40\r\n\r\n{ "error": "Too many open connections" }')
+    finally:
+        for conn in held:
+            conn.close()
+    await sim.wait_for(lambda: _pings(sim))
+
+
+async def _pings(sim: Sim) -> bool:
+    try:
+        return (await sim.call("GET", "vmm.ping")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"net": [{"tap": "t0", "num_queues": 1}]},
+     "Number of queues (1) to virtio_net should be higher than 2"),
+    ({"net": [{"tap": "t0", "num_queues": 6}]}, "Queue count (6) must not exceed boot vCPUs (2)"),
+    ({"net": [{"tap": "t0", "mtu": 1279}]},
+     "Provided MTU 1279 is lower than 1280 (expected by VIRTIO specification)"),
+    ({"disks": [{"path": "/d.img", "queue_size": 2}]},
+     "Block queue size must be greater than 2: 2"),
+    ({"disks": [{"path": "/d.img", "serial": "s" * 21}]},
+     "Block device serial length (21) exceeds maximum allowed length (20)"),
+    ({"memory": {"size": 512 << 20, "shared": True},
+      "disks": [{"vhost_user": True, "vhost_socket": "/run/blk.sock",
+                 "rate_limiter_config": {"ops": {"size": 10, "refill_time": 100}}}]},
+     "Rate limiting is not supported with vhost-user"),
+])
+async def test_boot_validates_devices_as_cloud_hypervisor_does(
+        sim: Sim, files: dict[str, Path], overrides: dict[str, Any], expected: str) -> None:
+    assert (await sim.put("vm.create", vm_config(files, **overrides))).status_code == 204
+    response = await sim.put("vm.boot")
+    assert chain(response)[2:] == ["Failed to validate config", expected]
+
+
+async def test_rate_limiter_config_denies_unknown_fields(sim: Sim, files: dict[str, Path]) -> None:
+    disk = {"path": str(files["disk"]), "rate_limiter_config": {"iops": 5}}
+    response = await sim.put("vm.create", vm_config(files, disks=[disk]))
+    assert response.status_code == 400
+    assert chain(response)[0] == "Failed to deserialize JSON"
+    assert chain(response)[1].startswith("unknown field `iops`, expected `bandwidth` or `ops`")
+
+
+async def test_a_guest_without_acpi_never_ejects_vcpus(sim: Sim, files: dict[str, Path]) -> None:
+    payload = {"kernel": str(files["kernel"]), "cmdline": "console=ttyS0 acpi=off"}
+    await booted(sim, vm_config(files, payload=payload, cpus={"boot_vcpus": 2, "max_vcpus": 4}))
+    assert (await sim.put("vm.resize", {"desired_vcpus": 1})).status_code == 204
+    await asyncio.sleep(0.3)  # past the unplug time of a guest with CPU hotplug
+    for desired in (2, 3):
+        refused = await sim.put("vm.resize", {"desired_vcpus": desired})
+        assert (refused.status_code, chain(refused)) == (429, ["Too Many Requests"])
+
+
+async def test_log_file_is_truncated_and_holds_requests_only_with_v(
+        start: Callable[..., Any], tmp_path: Path) -> None:
+    log = tmp_path / "ch.log"
+    log.write_text("a previous run\n")
+    quiet = await start("--log-file", str(log))
+    assert (await quiet.call("GET", "vmm.ping")).status_code == 200
+    assert log.read_text() == ""  # File::create, and no info lines without -v
+    await quiet.close()
+    verbose = await start("-v", "--log-file", str(log))
+    assert (await verbose.call("GET", "vmm.ping")).status_code == 200
+    assert "GET /api/v1/vmm.ping -> 200" in log.read_text()
+
+
+def test_gdb_is_refused_by_a_release_build(tmp_path: Path) -> None:
+    refused = subprocess.run([simulator(), "--api-socket", str(tmp_path / "a.sock"),
+                              "--gdb", f"path={tmp_path / 'gdb.sock'}"],
+                             capture_output=True, text=True, timeout=PATIENCE, check=False)
+    assert refused.returncode == 2
+    assert "unexpected argument '--gdb' found" in refused.stderr
+    assert "--gdb" not in subprocess.run([simulator(), "--help"], capture_output=True,
+                                         text=True, timeout=PATIENCE, check=True).stdout
+
+
+async def test_gdb_in_a_guest_debug_build(start: Callable[..., Any], tmp_path: Path) -> None:
+    debug = await start("--gdb", f"path={tmp_path / 'gdb.sock'}",
+                        env={"CLOUD_HYPERVISOR_SIM_GUEST_DEBUG": "1"})
+    assert "guest_debug" in (await debug.call("GET", "vmm.ping")).json()["features"]
+
+
+async def test_serial_file_without_a_path_ends_the_vmm_at_create(
+        sim: Sim, files: dict[str, Path]) -> None:
+    with pytest.raises(httpx.HTTPError):
+        await sim.put("vm.create", vm_config(files, serial={"mode": "File"}))
+    assert sim.proc.wait(timeout=PATIENCE) != 0
+    assert "panicked" in sim.stdout.read_text()

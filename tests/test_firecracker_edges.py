@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import binary_from_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).with_name("fixtures") / "firecracker-v1.14.2-edges.json"
 # Generous bound for things that take milliseconds; never asserted on.
@@ -245,11 +247,10 @@ def test_the_recording_covers_every_scenario(recording: dict[str, list[list[str]
 
 
 def real_firecracker() -> Iterator[str]:
-    binary = (os.environ.get("VMM_FIRECRACKER_BINARY") or os.environ.get(
-        "VMM_AGENT_FIRECRACKER_BINARY") or shutil.which("firecracker"))
+    binary = binary_from_environment("firecracker") or shutil.which("firecracker")
     if binary is None:
-        pytest.skip("no firecracker binary: set VMM_FIRECRACKER_BINARY or put firecracker "
-                    "on PATH")
+        pytest.skip("no firecracker binary: set VMM_AGENT_FIRECRACKER_BINARY or put "
+                    "firecracker on PATH")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("firecracker needs read/write access to /dev/kvm, which this machine lacks")
     yield binary

@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from agent import process
+from agent.config import binary_from_environment
 from agent.host_paths import REFUSED, HostPathPolicy
 from agent.hypervisors.errors import HypervisorApiError
 from agent.hypervisors.firecracker_api import FirecrackerApi
@@ -54,7 +55,8 @@ PATIENCE = 10.0
 # Put in the kernel args so the simulator's console shows it at InstanceStart.
 BOOT_TOKEN = "vmm.test=fc-runtime"
 
-NO_BINARY = "no firecracker binary: set VMM_FIRECRACKER_BINARY or put firecracker on PATH"
+NO_BINARY = ("no firecracker binary: set VMM_AGENT_FIRECRACKER_BINARY or put firecracker on "
+             "PATH")
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ def backend(request: pytest.FixtureRequest, tiny: TinyGuest, tmp_path: Path,
         # The simulator's stand-in for a Linux guest with the i8042 driver.
         rebooting.write_bytes(b"\x7fELF simulated kernel: i8042 reboot on Ctrl+Alt+Del\n")
         return Backend(runtime, tiny.elf64, BOOT_TOKEN, rebooting)
-    binary = os.environ.get("VMM_FIRECRACKER_BINARY") or shutil.which("firecracker")
+    binary = binary_from_environment("firecracker") or shutil.which("firecracker")
     if not binary:
         pytest.skip(NO_BINARY)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import binary_from_environment
 from tools.fleet.cluster import Cluster
 from tools.guests import images as guest_images
 from vmm.v1 import host_pb2, vm_pb2
 
 
-def real_binary(env: str, name: str) -> str | None:
-    return os.environ.get(env) or shutil.which(name)
+def real_binary(backend: str) -> str | None:
+    return binary_from_environment(backend) or shutil.which(backend)
 
 
-FIRECRACKER = real_binary("VMM_FIRECRACKER_BINARY", "firecracker")
-CLOUD_HYPERVISOR = real_binary("VMM_CLOUD_HYPERVISOR_BINARY", "cloud-hypervisor")
+FIRECRACKER = real_binary("firecracker")
+CLOUD_HYPERVISOR = real_binary("cloud-hypervisor")
 KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
@@ -48,12 +49,12 @@ def tiny_config(kernel: Path) -> vm_pb2.VmConfig:
 
 
 @pytest.mark.skipif(FIRECRACKER is None, reason="no firecracker binary: set "
-                    "VMM_FIRECRACKER_BINARY or put firecracker on PATH")
+                    "VMM_AGENT_FIRECRACKER_BINARY or put firecracker on PATH")
 @pytest.mark.skipif(not KVM, reason="no usable /dev/kvm for Firecracker")
 def test_firecracker_binary_boots_the_tiny_guest_through_the_control_plane(
         short_cluster: Cluster) -> None:
     guest = guest_images.tiny_guest(guest_images.default_cache_dir())
-    short_cluster.add_agent("real", backends="firecracker",
+    short_cluster.add_agent("real", backends="firecracker", simulated=False,
                             extra=["--firecracker-binary", str(FIRECRACKER)])
     host = short_cluster.hosts.GetHost(host_pb2.GetHostRequest(host_id="real")).host
     assert [(b.name, b.simulated) for b in host.backends] == [("firecracker", False)]
@@ -74,12 +75,12 @@ def test_firecracker_binary_boots_the_tiny_guest_through_the_control_plane(
 
 
 @pytest.mark.skipif(CLOUD_HYPERVISOR is None, reason="no cloud-hypervisor binary: set "
-                    "VMM_CLOUD_HYPERVISOR_BINARY or put cloud-hypervisor on PATH")
+                    "VMM_AGENT_CLOUD_HYPERVISOR_BINARY or put cloud-hypervisor on PATH")
 @pytest.mark.skipif(not KVM, reason="no usable /dev/kvm for Cloud Hypervisor")
 def test_cloud_hypervisor_binary_boots_the_tiny_guest_through_the_control_plane(
         short_cluster: Cluster) -> None:
     guest = guest_images.tiny_guest(guest_images.default_cache_dir())
-    short_cluster.add_agent("real", backends="cloud-hypervisor",
+    short_cluster.add_agent("real", backends="cloud-hypervisor", simulated=False,
                             extra=["--cloud-hypervisor-binary", str(CLOUD_HYPERVISOR)])
     config = tiny_config(guest.pvh32)
     config.memory.size_bytes = 512 << 20

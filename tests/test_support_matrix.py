@@ -38,6 +38,7 @@ from agent.runtimes.base import RuntimeSettings
 from agent.vm_dir import VmDir
 from tests.support.api import bad_fields, etcd_revision
 from tools.fleet.cluster import GIB, Cluster, wait_until
+from tools.simulators.cloud_hypervisor.main import GUEST_DEBUG_ENV
 from vmm import features
 from vmm.v1 import host_pb2, vm_pb2
 
@@ -117,7 +118,9 @@ def matrix_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster
     try:
         cluster.start()
         # Room for the largest VMs the rows create (448 vCPUs, 1 TiB), one at a time.
-        cluster.add_agent(HOST, vcpus=1024, memory=4096 * GIB, backends=f"{FC},{CH}")
+        # The Cloud Hypervisor simulator acts as a build with guest_debug (--gdb).
+        cluster.add_agent(HOST, vcpus=1024, memory=4096 * GIB, backends=f"{FC},{CH}",
+                          env={GUEST_DEBUG_ENV: "1"})
         yield cluster
     finally:
         cluster.close()

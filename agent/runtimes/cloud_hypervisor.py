@@ -91,9 +91,16 @@ PHASE_STOPPED = "stopped"
 # ---- the support matrix ---------------------------------------------------------------
 
 
-def cloud_hypervisor_capabilities() -> host_pb2.BackendCapabilities:
-    """The Cloud Hypervisor column of the backend support matrix."""
+def cloud_hypervisor_capabilities(gdb: bool | None = None) -> host_pb2.BackendCapabilities:
+    """The Cloud Hypervisor column of the backend support matrix. `gdb`: whether the
+    installed binary takes --gdb (None: as declared for any build)."""
     full = host_pb2.SUPPORT_FULL
+    gdb_feature = (feature("debug.gdb", full,
+                           "needs a cloud-hypervisor built with the guest_debug feature")
+                   if gdb is None or gdb else
+                   feature("debug.gdb", host_pb2.SUPPORT_NONE,
+                           "this cloud-hypervisor was built without the guest_debug feature "
+                           "(its --help offers no --gdb)"))
     return host_pb2.BackendCapabilities(
         backend=features.CLOUD_HYPERVISOR,
         limits=host_pb2.BackendLimits(min_vcpus=1, max_vcpus=448, min_memory_bytes=512 * MIB,
@@ -110,7 +117,10 @@ def cloud_hypervisor_capabilities() -> host_pb2.BackendCapabilities:
             feature("cpu.hotplug", full, "runtime vCPU scaling up to max_vcpu_count"),
             feature("cpu.max_vcpu_count", full, "honored: the hotplug ceiling"),
             feature("cpu.topology", full, "sockets, cores, threads"),
-            feature("cpu.affinity", full, 'pin vCPUs to host CPUs: features["affinity"]'),
+            feature("cpu.affinity", full,
+                    'pin vCPUs to host CPUs: features["affinity"]; vm.create must fit Cloud '
+                    "Hypervisor's 51,200-byte request limit (448 vCPUs pinned to 32 host CPUs "
+                    "each do; larger pinnings are refused at create)"),
             feature("memory.size", full, "512 MiB - 1 TiB+"),
             feature("memory.hotplug", full,
                     "ACPI hot-add up to max_size_bytes in 128 MiB steps; no NUMA, no unplug"),
@@ -131,8 +141,7 @@ def cloud_hypervisor_capabilities() -> host_pb2.BackendCapabilities:
             feature("console.serial", full),
             feature("console.logging", full, "file output"),
             feature("debug.rich", full, "counters, device tree, hypervisor log"),
-            feature("debug.gdb", full,
-                    "needs a cloud-hypervisor built with the guest_debug feature"),
+            gdb_feature,
         ],
     )
 
@@ -147,6 +156,18 @@ def simulator_path() -> str | None:
         return found
     beside = Path(sys.executable).with_name(SIMULATOR_NAME)
     return str(beside) if beside.exists() else None
+
+
+@functools.lru_cache(maxsize=8)
+def offers_gdb(binary: str) -> bool:
+    """Whether the binary takes --gdb: only builds with the guest_debug feature do, and a
+    default release build refuses to start when given it. Read once from its --help."""
+    try:
+        done = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=5,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--gdb" in done.stdout
 
 
 @functools.lru_cache(maxsize=8)
@@ -198,7 +219,8 @@ class CloudHypervisorRuntime(Runtime):
         return cls(simulator, True, settings) if simulator else None
 
     def capabilities(self) -> host_pb2.BackendCapabilities:
-        return cloud_hypervisor_capabilities()
+        return cloud_hypervisor_capabilities(
+            gdb=offers_gdb(self.binary) if self.binary else None)
 
     def version(self) -> str:
         return binary_version(self.binary)
@@ -450,7 +472,18 @@ class CloudHypervisorRuntime(Runtime):
         ram = resize.memory_size_bytes or None
         if ram is not None and ram != int(memory.get("size", 0)):
             self._check_memory_resize(vm, memory, ram)
-        await api.resize(desired_vcpus=vcpus, desired_ram=ram)
+        try:
+            await api.resize(desired_vcpus=vcpus, desired_ram=ram)
+        except CloudHypervisorApiError as e:
+            if e.status != 429:
+                raise
+            # A vCPU removal stays pending until the guest ejects the vCPUs (ACPI CPU
+            # hotplug); one that has no CPU hotplug never does.
+            raise RuntimeFailure(
+                f"VM {vm.vm_id} still has a vCPU removal pending: the guest has not ejected "
+                "the vCPUs an earlier resize took away, and Cloud Hypervisor refuses every "
+                "vCPU resize until it does (a guest without ACPI CPU hotplug never does; "
+                "reboot it to apply the new count)", "FAILED_PRECONDITION") from e
 
     def _check_memory_resize(self, vm: VmDir, memory: dict[str, Any], ram: int) -> None:
         if memory.get("zones"):
@@ -525,7 +558,13 @@ class CloudHypervisorRuntime(Runtime):
 
     async def _start_vmm(self, vm: VmDir, config: vm_pb2.VmConfig) -> ProcessRef:
         vm.api_socket.unlink(missing_ok=True)
-        argv = [self.binary, "--api-socket", f"path={vm.api_socket}", "--no-shutdown",
+        # Cloud Hypervisor truncates its log file at start: keep the previous process's.
+        if vm.hypervisor_log.exists():
+            vm.hypervisor_log.replace(vm.hypervisor_log.with_name(
+                vm.hypervisor_log.name + ".1"))
+        # -v: info level, where Cloud Hypervisor logs API errors and lifecycle events;
+        # without it the log holds warnings only.
+        argv = [self.binary, "--api-socket", f"path={vm.api_socket}", "--no-shutdown", "-v",
                 "--log-file", str(vm.hypervisor_log),
                 # Where its pvpanic device's reports arrive (see guest_panic_reported).
                 "--event-monitor", f"path={event_file(vm)}"]

@@ -8,6 +8,7 @@ The serial port is put in mode Tty: agent.runtimes.cloud_hypervisor says why.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,6 +35,21 @@ from vmm.v1 import vm_pb2
 MIB = 1 << 20
 HUGEPAGE_SIZES = {"2M": 2 * MIB, "1G": 1 << 30}
 IMAGE_TYPES = {"raw": "Raw", "qcow2": "Qcow2", "vhd": "FixedVhd", "vhdx": "Vhdx"}
+RATE_LIMIT_OPTIONS = ("rate_limit_bandwidth", "rate_limit_ops")
+# What Cloud Hypervisor checks when it boots a VM (VmConfig::validate), checked here first.
+MINIMUM_BLOCK_QUEUE_SIZE = 2
+MAX_QUEUE_SIZE = 32768
+VIRTIO_BLK_ID_BYTES = 20
+MIN_MTU, MAX_MTU = 1280, 65535
+VHOST_USER_RATE_LIMITS = ("Cloud Hypervisor cannot rate-limit a vhost-user device: its "
+                          "back-end does the I/O")
+# micro_http, which serves Cloud Hypervisor's API, refuses larger request bodies.
+MAX_REQUEST_BYTES = 51200
+
+
+def request_bytes(body: object) -> int:
+    """The size of a request body as the API client sends it (compact JSON)."""
+    return len(json.dumps(body, separators=(",", ":")).encode())
 
 
 # ---- VmConfig (vmm.v1) -> Cloud Hypervisor's VmConfig ----------------------------------
@@ -48,6 +64,7 @@ class ConfigTranslation:
 
     def __init__(self, config: vm_pb2.VmConfig) -> None:
         self.config = config
+        self.boot_vcpus = config.cpu.vcpu_count or 1
         self.violations: list[agent_pb2.FieldViolation] = []
 
     def refuse(self, field_path: str, description: str) -> None:
@@ -96,7 +113,23 @@ class ConfigTranslation:
         if numa:
             result["numa"] = numa
         self.check_ids()
+        self.check_request_size(result)
         return result
+
+    def check_request_size(self, body: VmConfigJson) -> None:
+        """micro_http refuses a request body over MAX_REQUEST_BYTES; vm.create carries the
+        whole config, and vCPU affinity (one entry per vCPU) is what grows it most."""
+        size = request_bytes(body)
+        if size <= MAX_REQUEST_BYTES:
+            return
+        affinity = body["cpus"].get("affinity")
+        field_path = (f"config.cpu.features[{features.CPU_AFFINITY_KEY}]" if affinity
+                      else "config")
+        why = (f" ({len(affinity)} vCPUs each pinned to "
+               f"{len(affinity[0]['host_cpus'])} host CPUs)" if affinity else "")
+        self.refuse(field_path, f"the vm.create request would be {size} bytes{why}; Cloud "
+                    f"Hypervisor's API takes at most {MAX_REQUEST_BYTES}: pin fewer vCPUs or "
+                    "to fewer host CPUs")
 
     # ---- CPU and memory
 
@@ -217,6 +250,10 @@ class ConfigTranslation:
     def rate_limiter(self, options: Any, field_path: str) -> RateLimiterJson | None:
         """Per-second budgets: rate_limit_bandwidth (bytes/s) and rate_limit_ops (ops/s)."""
         limiter: RateLimiterJson = {}
+        for key in sorted(options):
+            if key.startswith("rate_limit_") and key not in RATE_LIMIT_OPTIONS:
+                self.refuse(f"{field_path}[{key}]", "Cloud Hypervisor's rate limiter takes "
+                            f"{' and '.join(RATE_LIMIT_OPTIONS)} only")
         bandwidth = self.integer(options, "rate_limit_bandwidth", field_path, minimum=1)
         if bandwidth is not None:
             limiter["bandwidth"] = {"size": bandwidth, "refill_time": 1000}
@@ -260,16 +297,37 @@ class ConfigTranslation:
                         f'must be "io_uring", "aio" or "sync", not {engine!r}')
         queues = self.integer(options, "num_queues", opts_path, minimum=1)
         if queues is not None:
+            if queues > self.boot_vcpus:
+                self.refuse(f"{opts_path}[num_queues]", f"{queues} queues exceed vcpu_count "
+                            f"({self.boot_vcpus}): Cloud Hypervisor gives a disk at most one "
+                            "queue per boot vCPU")
             result["num_queues"] = queues
-        queue_size = self.integer(options, "queue_size", opts_path, minimum=1)
+        queue_size = self.queue_size(options, opts_path, minimum=MINIMUM_BLOCK_QUEUE_SIZE + 1)
         if queue_size is not None:
             result["queue_size"] = queue_size
         limiter = self.rate_limiter(options, opts_path)
         if limiter:
+            if result.get("vhost_user"):
+                self.refuse(f"{opts_path}[rate_limit_{next(iter(limiter))}]",
+                            VHOST_USER_RATE_LIMITS)
             result["rate_limiter_config"] = limiter
         if "serial" in options:
+            serial_bytes = len(options["serial"].encode())
+            if serial_bytes > VIRTIO_BLK_ID_BYTES:
+                self.refuse(f"{opts_path}[serial]", f"{serial_bytes} bytes; a virtio-blk "
+                            f"serial holds at most {VIRTIO_BLK_ID_BYTES}")
             result["serial"] = options["serial"]
         return result
+
+    def queue_size(self, options: Any, opts_path: str, minimum: int) -> int | None:
+        size = self.integer(options, "queue_size", opts_path, minimum=1)
+        if size is None:
+            return None
+        if size < minimum or size > MAX_QUEUE_SIZE or size & (size - 1):
+            self.refuse(f"{opts_path}[queue_size]", f"must be a power of 2 from {minimum} to "
+                        f"{MAX_QUEUE_SIZE}, not {size}")
+            return None
+        return size
 
     def net(self, nic: vm_pb2.NetworkInterface, field_path: str) -> NetJson:
         options, opts_path = nic.options, f"{field_path}.options"
@@ -293,17 +351,27 @@ class ConfigTranslation:
             result["tap"] = nic.tap_device
         queues = self.integer(options, "num_queues", opts_path, minimum=1)
         if queues is not None:
+            if queues < 2 or queues > 2 * self.boot_vcpus:
+                self.refuse(f"{opts_path}[num_queues]", f"must be from 2 (one receive and one "
+                            f"transmit queue) to 2 x vcpu_count ({2 * self.boot_vcpus}), "
+                            f"not {queues}")
             result["num_queues"] = queues
-        queue_size = self.integer(options, "queue_size", opts_path, minimum=1)
+        queue_size = self.queue_size(options, opts_path, minimum=1)
         if queue_size is not None:
             result["queue_size"] = queue_size
         mtu = self.integer(options, "mtu", opts_path, minimum=1)
         if mtu is not None:
+            if not MIN_MTU <= mtu <= MAX_MTU:
+                self.refuse(f"{opts_path}[mtu]", f"must be from {MIN_MTU} (the VIRTIO "
+                            f"minimum) to {MAX_MTU}, not {mtu}")
             result["mtu"] = mtu
         if "host_mac" in options:
             result["host_mac"] = options["host_mac"]
         limiter = self.rate_limiter(options, opts_path)
         if limiter:
+            if result.get("vhost_user"):
+                self.refuse(f"{opts_path}[rate_limit_{next(iter(limiter))}]",
+                            VHOST_USER_RATE_LIMITS)
             result["rate_limiter_config"] = limiter
         return result
 

@@ -1,7 +1,7 @@
 """The firecracker benchmark: create-and-boot through the control plane vs the runtime alone,
 CreateVm throughput, and RSS.
 
-With a real firecracker binary (VMM_FIRECRACKER_BINARY, else `firecracker` on PATH, found
+With a real firecracker binary (VMM_AGENT_FIRECRACKER_BINARY, else `firecracker` on PATH, found
 the way the agent's runtime finds it) and a usable /dev/kvm, both sides boot the tiny guest
 and count a VM as up once its ready marker is on the console. Otherwise both sides drive the
 API simulator with a stand-in kernel, and the result says so.
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.config import binary_from_environment
 from agent.runtimes.base import RuntimeSettings
 from agent.runtimes.firecracker import FirecrackerRuntime
 from agent.vm_dir import StateDir
@@ -45,9 +46,9 @@ def lambda_config(files: Path) -> vm_pb2.VmConfig:
 
 
 def runtime_settings() -> RuntimeSettings:
-    """What the agent would be configured with: the binary VMM_FIRECRACKER_BINARY names, else
-    whatever the runtime's own detection finds."""
-    return RuntimeSettings(binary=os.environ.get("VMM_FIRECRACKER_BINARY") or None)
+    """What the agent would be configured with: the binary VMM_AGENT_FIRECRACKER_BINARY names,
+    else whatever the runtime's own detection finds."""
+    return RuntimeSettings(binary=binary_from_environment("firecracker") or None)
 
 
 def real_firecracker() -> FirecrackerRuntime | None:
@@ -144,7 +145,7 @@ def bench_firecracker(quick: bool) -> dict[str, Any]:
         try:
             cluster.start()
             agent = cluster.add_agent("bench-1", vcpus=4096, memory=4096 * GIB,
-                                      extra=agent_flags)
+                                      extra=agent_flags, simulated=real is None)
             idle = {"controller_rss_mib": rss_mib(cluster.controller.pid),
                     "agent_rss_mib": rss_mib(agent.pid)}
             direct, through = create_boot_both(cluster, direct_runtime, config, runs)
@@ -160,7 +161,7 @@ def bench_firecracker(quick: bool) -> dict[str, Any]:
     return {
         "backend": f"firecracker {real.version()} ({real.binary}), tiny guest to its ready "
         "marker" if real is not None else "firecracker (API simulator: no firecracker binary "
-        "with a usable /dev/kvm; set VMM_FIRECRACKER_BINARY or put firecracker on PATH)",
+        "with a usable /dev/kvm; set VMM_AGENT_FIRECRACKER_BINARY or put firecracker on PATH)",
         "simulated": real is None,
         "create_boot_to_running": {"control_plane": c, "direct_runtime": d,
                                    "control_plane_share_p50_ms":

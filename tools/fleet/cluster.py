@@ -198,10 +198,15 @@ class Cluster:
     def add_agent(self, host_id: str, vcpus: int = 8, memory: int = 16 * GIB,
                   backends: str = "firecracker", extra: list[str] | None = None,
                   env: dict[str, str] | None = None, controller: str = "",
-                  host_path_roots: list[Path] | None = None) -> Process:
+                  host_path_roots: list[Path] | None = None,
+                  simulated: bool = True) -> Process:
         """An agent process. VM files are allowed under host_path_roots: by default the
         cluster's work dir, the temp dir (where tests make their files) and the built
-        guest images."""
+        guest images. `simulated` makes it drive the Firecracker and Cloud Hypervisor API
+        simulators even where real binaries exist (the stand-in kernels such tests boot
+        load only there); False lets it use what it finds or `extra` names."""
+        if simulated:
+            extra = ["--force-simulator", "true", *(extra or [])]
         state = self.workdir / f"agent-{host_id}"
         roots = host_path_roots if host_path_roots is not None else [
             self.workdir, Path(tempfile.gettempdir()), default_cache_dir()]

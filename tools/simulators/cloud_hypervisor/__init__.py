@@ -1,7 +1,7 @@
 """An API-faithful simulator of Cloud Hypervisor v53.0, started like the real binary.
 
     cloud-hypervisor-sim --api-socket path=/run/vm/api.sock [--no-shutdown]
-                         [-v] [--log-file PATH] [--seccomp VALUE] [--gdb path=PATH]
+                         [-v] [--log-file PATH] [--seccomp VALUE]
 
 It serves Cloud Hypervisor's HTTP API (HTTP/1.1 on a Unix socket, routes under
 /api/v1) with the real routes, status codes, bodies and state machine, as read
@@ -47,7 +47,19 @@ The simulated guest:
   no ACPI and ignores the power button, as a real Linux guest does;
 * a vCPU removal (vm.resize to fewer vCPUs) stays pending for
   $CLOUD_HYPERVISOR_SIM_VCPU_UNPLUG_SECONDS seconds (default 0.2), the time the
-  guest takes to eject the vCPUs; vm.resize of the vCPUs meanwhile gets 429.
+  guest takes to eject the vCPUs; vm.resize of the vCPUs meanwhile gets 429. A
+  guest booted with `acpi=off` has no CPU hotplug and never ejects them: every
+  later vCPU resize gets 429.
+
+The process: `--log-file` is created anew (truncated) at each start and gets
+the API requests only with -v (they are info; without -v Cloud Hypervisor logs
+warnings only). `--gdb` exists only in builds with the guest_debug feature: the
+simulator refuses it, as a default release build does ("unexpected argument"),
+unless CLOUD_HYPERVISOR_SIM_GUEST_DEBUG=1, which also adds "guest_debug" to
+vmm.ping's features. A serial or console in mode File without a file makes
+vm.create panic the VMM: the process ends without answering. The API is served
+with micro_http's framing and limits (tools.simulators.micro_http): bodies over
+51,200 bytes are refused, and at most 10 connections are served at once.
 
 Not modelled: TAP devices and vhost-user back-ends are not opened, hugepages
 are not allocated, Pty/Socket serial modes behave like Null, and the routes for

@@ -24,6 +24,10 @@ from tools.simulators.cloud_hypervisor.serde import (
 )
 
 MAX_SUPPORTED_CPUS = 8192  # x86_64 with KVM
+MINIMUM_BLOCK_QUEUE_SIZE = 2
+VIRTIO_BLK_ID_BYTES = 20
+MIN_MTU = 1280
+VHOST_USER_RATE_LIMITER = "Rate limiting is not supported with vhost-user"
 
 
 # ---- the config schema (vmm/src/vm_config.rs) -----------------------------------------
@@ -46,7 +50,8 @@ TOKEN_BUCKET = Struct("TokenBucketConfig", [
     Field("size", U64, REQUIRED), Field("one_time_burst", Maybe(U64)),
     Field("refill_time", U64, REQUIRED)])
 RATE_LIMITER = Struct("RateLimiterConfig", [
-    Field("bandwidth", Maybe(TOKEN_BUCKET)), Field("ops", Maybe(TOKEN_BUCKET))])
+    Field("bandwidth", Maybe(TOKEN_BUCKET)), Field("ops", Maybe(TOKEN_BUCKET))],
+    deny_unknown=True)
 CPU_TOPOLOGY = Struct("CpuTopology", [
     Field("threads_per_core", U16, REQUIRED), Field("cores_per_die", U16, REQUIRED),
     Field("dies_per_package", U16, REQUIRED), Field("packages", U16, REQUIRED)])
@@ -176,12 +181,22 @@ def validation_error(config: dict[str, Any]) -> list[str] | None:
             return ["Using vhost-user requires using shared memory or huge pages"]
         if disk["vhost_user"] and "vhost_socket" not in disk:
             return ["No socket provided when using vhost-user"]
+        if disk["vhost_user"] and ("rate_limiter_config" in disk
+                                   or "rate_limit_group" in disk):
+            return [VHOST_USER_RATE_LIMITER]
         if disk["num_queues"] > cpus["boot_vcpus"]:
             return [f"Queue count ({disk['num_queues']}) must not exceed boot vCPUs "
                     f"({cpus['boot_vcpus']})"]
         if not _is_power_of_two(disk["queue_size"]):
             return [f"Queue size must be a power of 2 no greater than 32768: "
                     f"{disk['queue_size']}"]
+        if disk["queue_size"] <= MINIMUM_BLOCK_QUEUE_SIZE:
+            return [f"Block queue size must be greater than {MINIMUM_BLOCK_QUEUE_SIZE}: "
+                    f"{disk['queue_size']}"]
+        serial = disk.get("serial")
+        if serial is not None and len(serial.encode()) > VIRTIO_BLK_ID_BYTES:
+            return [f"Block device serial length ({len(serial.encode())}) exceeds maximum "
+                    f"allowed length ({VIRTIO_BLK_ID_BYTES})"]
         if error := identifier_error(disk):
             return error
     for net in config.get("net") or []:
@@ -189,6 +204,20 @@ def validation_error(config: dict[str, Any]) -> list[str] | None:
             return ["Using vhost-user requires using shared memory or huge pages"]
         if net["vhost_user"] and "vhost_socket" not in net:
             return ["No socket provided when using vhost-user"]
+        if net["vhost_user"] and "rate_limiter_config" in net:
+            return [VHOST_USER_RATE_LIMITER]
+        if net["num_queues"] < 2:
+            return [f"Number of queues ({net['num_queues']}) to virtio_net should be higher "
+                    "than 2"]
+        if net["num_queues"] // 2 > cpus["boot_vcpus"]:
+            return [f"Queue count ({net['num_queues']}) must not exceed boot vCPUs "
+                    f"({cpus['boot_vcpus']})"]
+        if not _is_power_of_two(net["queue_size"]):
+            return [f"Queue size must be a power of 2 no greater than 32768: "
+                    f"{net['queue_size']}"]
+        if "mtu" in net and net["mtu"] < MIN_MTU:
+            return [f"Provided MTU {net['mtu']} is lower than {MIN_MTU} (expected by VIRTIO "
+                    "specification)"]
         if error := identifier_error(net):
             return error
     for device in (config["rng"], config["console"]):

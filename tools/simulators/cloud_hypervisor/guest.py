@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -72,7 +73,7 @@ class Guest:
 
     @property
     def ignores_power_button(self) -> bool:
-        """A guest booted with acpi=off has no ACPI, so no power button."""
+        """A guest booted with acpi=off has no ACPI: no power button, no CPU hotplug."""
         return "acpi=off" in self.cmdline.split()
 
     def boot(self) -> None:
@@ -197,7 +198,10 @@ class Guest:
         if desired > cpus["max_vcpus"]:
             raise VmFailure("Error from CPU manager", "Requested vCPUs exceed maximum")
         if desired < cpus["boot_vcpus"]:
-            self.unplug_pending_until = time.monotonic() + unplug_seconds
+            # The guest ejects the vCPUs through ACPI; without ACPI it never does, and the
+            # removal stays pending for good.
+            self.unplug_pending_until = (math.inf if self.ignores_power_button
+                                         else time.monotonic() + unplug_seconds)
         cpus["boot_vcpus"] = desired
 
     def resize_ram(self, desired: int) -> None:

@@ -18,6 +18,8 @@ from tools.simulators.cloud_hypervisor.http import ApiServer
 from tools.simulators.cloud_hypervisor.vmm import BUILD_VERSION, Vmm
 
 UNPLUG_SECONDS_ENV = "CLOUD_HYPERVISOR_SIM_VCPU_UNPLUG_SECONDS"
+# "1": behave as a binary built with the guest_debug feature (a default release build is not).
+GUEST_DEBUG_ENV = "CLOUD_HYPERVISOR_SIM_GUEST_DEBUG"
 DEFAULT_UNPLUG_SECONDS = 0.2
 
 
@@ -36,13 +38,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-socket", help="path=<path> (or just <path>)")
     parser.add_argument("--no-shutdown", action="store_true",
                         help="do not exit the VMM when the guest shuts down")
-    parser.add_argument("-v", action="count", default=0, help="ignored")
+    parser.add_argument("-v", action="count", default=0,
+                        help="log API requests (info) to the log file")
     parser.add_argument("--log-file", type=Path, help="where to log API requests")
     parser.add_argument("--seccomp", help="ignored")
-    parser.add_argument("--gdb", help="accepted and ignored: the simulator has no GDB stub")
+    if guest_debug_built():
+        parser.add_argument("--gdb", help="GDB socket (UNIX domain socket): path=<path> "
+                            "(accepted and ignored: the simulator has no GDB stub)")
     parser.add_argument("--event-monitor", help="path=<file>: where events are written")
     parser.add_argument("-V", "--version", action="store_true")
     return parser
+
+
+def guest_debug_built() -> bool:
+    """Whether to act as a build with the guest_debug feature: only those take --gdb."""
+    return os.environ.get(GUEST_DEBUG_ENV, "") == "1"
 
 
 def _socket_in_use(path: Path) -> bool:
@@ -55,7 +65,13 @@ def _socket_in_use(path: Path) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:
+        # clap's refusal, as a release build gives it for --gdb.
+        print(f"error: unexpected argument '{unknown[0]}' found\n\n"
+              "Usage: cloud-hypervisor [OPTIONS]\n\nFor more information, try '--help'.",
+              file=sys.stderr)
+        return 2
     if args.version:
         print(f"cloud-hypervisor {BUILD_VERSION} (API simulator)")
         return 0
@@ -75,8 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server = ApiServer(
             socket_path,
-            lambda srv: Vmm(args.no_shutdown, unplug_seconds, srv.request_exit),
-            args.log_file)
+            lambda srv: Vmm(args.no_shutdown, unplug_seconds, srv.request_exit,
+                            guest_debug_built()),
+            args.log_file, args.v)
     except OSError as e:
         print(f"cloud-hypervisor-sim: cannot serve the API on {socket_path}: "
               f"{os_error_text(e)}", file=sys.stderr)

@@ -223,10 +223,18 @@ class Field:
 
 
 class Struct(Kind):
-    def __init__(self, name: str, fields: Sequence[Field]) -> None:
+    def __init__(self, name: str, fields: Sequence[Field], deny_unknown: bool = False) -> None:
         self.expected = f"struct {name}"
         self.fields = tuple(fields)
         self.by_name = {f.name: f for f in self.fields}
+        # #[serde(deny_unknown_fields)]: an unknown field is an error, not skipped.
+        self.deny_unknown = deny_unknown
+
+    def _unknown_field(self, key: str, end: int) -> SerdeError:
+        names = [f"`{f.name}`" for f in self.fields]
+        expected = (" or ".join(names) if len(names) <= 2
+                    else ", ".join(names[:-1]) + f", or {names[-1]}")
+        return SerdeError(f"unknown field `{key}`, expected {expected}", end)
 
     def decode(self, value: Any, end: int) -> Any:
         if not isinstance(value, dict):
@@ -236,8 +244,10 @@ class Struct(Kind):
         decoded: dict[str, Any] = {}
         for key, item in value.items():
             spec = self.by_name.get(key)
-            if spec is not None:  # serde skips unknown fields
+            if spec is not None:
                 decoded[key] = spec.kind.decode(item, value_ends.get(key, object_end))
+            elif self.deny_unknown:
+                raise self._unknown_field(key, value_ends.get(key, object_end))
         for spec in self.fields:
             if spec.name in decoded:
                 continue

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from tools.simulators.cloud_hypervisor.config import memory_actual_size, validation_error
 from tools.simulators.cloud_hypervisor.devices import SerialPort, open_serial
@@ -42,13 +43,23 @@ GUEST_POWEROFF_LINE = "reboot: Power down"
 GUEST_POWEROFF_DELAY = 0.1
 
 
+def panic_on_missing_console_file() -> NoReturn:
+    """pre_create_console_devices unwraps the file of a File console: without one, the VMM
+    thread panics and the process ends, leaving the request unanswered."""
+    sys.stderr.write("thread 'vmm' panicked at vmm/src/console_devices.rs:\n"
+                     "called `Option::unwrap()` on a `None` value\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
 class Vmm:
     """The VMM's state. Every API request runs under its lock, one at a time, as on
     Cloud Hypervisor's single VMM thread."""
 
     def __init__(self, no_shutdown: bool, unplug_seconds: float,
-                 request_exit: Callable[[], None]) -> None:
+                 request_exit: Callable[[], None], guest_debug: bool = False) -> None:
         self.lock = threading.RLock()
+        self.features = ["kvm", "io_uring", *(["guest_debug"] if guest_debug else [])]
         self.no_shutdown = no_shutdown
         self.unplug_seconds = unplug_seconds
         self.request_exit = request_exit
@@ -72,6 +83,9 @@ class Vmm:
         with api_action(CREATE):
             if self.config is not None:
                 raise VmFailure(ALREADY_CREATED)
+            for name in ("console", "serial"):
+                if config[name]["mode"] == "File" and "file" not in config[name]:
+                    panic_on_missing_console_file()
             # Stored first: a failure to open the serial output leaves the config in place.
             self.config = config
             self.serial = open_serial(config)
@@ -158,10 +172,9 @@ class Vmm:
         with api_action(INFO):
             return self._require_vm().counters()
 
-    @staticmethod
-    def vmm_ping() -> dict[str, Any]:
+    def vmm_ping(self) -> dict[str, Any]:
         return {"build_version": BUILD_VERSION, "version": VERSION, "pid": os.getpid(),
-                "features": ["kvm", "io_uring"]}
+                "features": self.features}
 
     # ---- the power button
 

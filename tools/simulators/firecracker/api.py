@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from tools.simulators.firecracker import schemas
-from tools.simulators.firecracker.http import Request, Response
 from tools.simulators.firecracker.json_reader import JsonError
 from tools.simulators.firecracker.logger import Logger
 from tools.simulators.firecracker.metrics import Metrics
@@ -23,6 +22,7 @@ from tools.simulators.firecracker.resources import ActionError
 from tools.simulators.firecracker.rust_fmt import dumps, rust_debug_str
 from tools.simulators.firecracker.serde import Schema, from_slice
 from tools.simulators.firecracker.vmm import FatalActionError, Vmm
+from tools.simulators.micro_http import Request, Response
 
 METHOD_NAMES = {"GET": "Get", "PUT": "Put", "PATCH": "Patch"}
 # Actions whose API-level latency Firecracker records and logs.
