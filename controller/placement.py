@@ -14,6 +14,7 @@ from controller.api.operations import S, VmOperations, raise_for_reply
 from controller.errors import ApiError, Violation, failed_precondition, invalid
 from controller.host_commits import HostCommits
 from controller.store import StoredVm, now
+from controller.vm_cache import namespace_of
 from vmm.agent.v1 import agent_pb2
 from vmm.common import failpoints
 from vmm.store.v1 import records_pb2
@@ -49,6 +50,8 @@ class Placer:
     def __init__(self, ops: VmOperations) -> None:
         self.ops = ops
         self.commits = HostCommits(ops.store, ops.fleet, ops.cache, ops.quota_of)
+        # (host id, disk path) -> {vm id: (writable?, namespace)} of the creates in flight.
+        self._disk_claims: dict[tuple[str, str], dict[str, tuple[bool, str]]] = {}
 
     async def place_and_store(self, vm_id: str, request: vm_pb2.CreateVmRequest) -> StoredVm:
         """Record the VM at generation 1 on the host chosen for it, its resources reserved."""
@@ -60,18 +63,22 @@ class Placer:
                 self.ops.telemetry.observe_placement(time.perf_counter() - started, "exhausted")
                 raise self._no_placement(request, choice)
             host_id, demand = choice.host.host_id, choice.demand
-            self._refuse_shared_writable_disks(host_id, vm_id, config)
+            self._refuse_shared_writable_disks(host_id, vm_id, request)
             fleet.index.reserve(host_id, demand)
+            claimed = self._claim_disks(host_id, vm_id, request)
             try:
                 await self._preflight(choice, vm_id, config)
                 record = new_record(vm_id, config, choice,
                                     request.namespace or DEFAULT_NAMESPACE)
                 stored = await self.commits.commit(record, demand)
+                if stored is not None:
+                    self.ops.cache.note_write(stored)  # the cache holds its disks from here
             except BaseException:
                 self.ops.telemetry.observe_placement(time.perf_counter() - started, "error")
                 raise
             finally:
                 fleet.index.unreserve(host_id, demand)
+                self._release_disks(claimed, vm_id)
             if stored is None:
                 self.ops.telemetry.placement_conflicts.add(1)
                 self.ops.telemetry.observe_placement(time.perf_counter() - started, "conflicted")
@@ -79,7 +86,6 @@ class Placer:
             failpoints.hit("controller.create.committed", vm_id)
             self.ops.telemetry.observe_placement(time.perf_counter() - started, "placed")
             self.ops.telemetry.placed(host_id, choice.backend.name)
-            self.ops.cache.note_write(stored)
             log.info("vm %s placed on host %s (%s) in %.1f ms", vm_id, host_id,
                      choice.backend.name, (time.perf_counter() - started) * 1000)
             return stored
@@ -127,12 +133,14 @@ class Placer:
                         f"no host has room for {why.demand.describe()} on {wanted}{free}")
 
     def _refuse_shared_writable_disks(self, host_id: str, vm_id: str,
-                                      config: vm_pb2.VmConfig) -> None:
+                                      request: vm_pb2.CreateVmRequest) -> None:
         """Two VMs must never write one disk image: the guests' file systems would corrupt
         each other, and hypervisors that lock images (Cloud Hypervisor, QEMU) fail to boot
         the second. A writable disk may have no other user on its host; a read-only one no
-        writer. Checked against this replica's cache (an index by host and path) and the
-        config's own other disks."""
+        writer. Checked against this replica's cache (an index by host and path), the creates
+        in flight on this replica (_claim_disks, taken with no await after this check) and
+        the config's own other disks. A VM of another namespace is not named."""
+        config, namespace = request.config, request.namespace or DEFAULT_NAMESPACE
         violations: list[Violation] = []
         seen: dict[str, int] = {}
         for i, disk in enumerate(config.storage):
@@ -143,16 +151,45 @@ class Placer:
                                             f"config.storage[{first}]; an image written by "
                                             "one disk cannot be another"))
                 continue
-            for other, writable in sorted(self.ops.cache.users_of_disk(host_id,
-                                                                       disk.path).items()):
+            users = {other: (writable, self._namespace_of(other))
+                     for other, writable in self.ops.cache.users_of_disk(host_id,
+                                                                         disk.path).items()}
+            users.update(self._disk_claims.get((host_id, disk.path), {}))
+            for other, (writable, other_namespace) in sorted(users.items()):
                 if other != vm_id and (writable or not disk.read_only):
+                    who = (f"VM {other!r}" if other_namespace == namespace
+                           else "a VM of another namespace")
                     violations.append(Violation(field_path, (
                         f"{disk.path!r} on host {host_id} is already "
-                        f"{'written' if writable else 'read'} by VM {other!r}; two VMs "
-                        "cannot share an image one of them writes")))
+                        f"{'written' if writable else 'read'} by {who}; two VMs cannot share "
+                        "an image one of them writes")))
                     break
         if violations:
             raise invalid(violations)
+
+    def _namespace_of(self, vm_id: str) -> str:
+        stored = self.ops.cache.get(vm_id)
+        return namespace_of(stored.record) if stored is not None else ""
+
+    def _claim_disks(self, host_id: str, vm_id: str,
+                     request: vm_pb2.CreateVmRequest) -> list[tuple[str, str]]:
+        """Hold the VM's disks on the host while its create is in flight, so that a
+        concurrent create on this replica sees them before the cache does."""
+        namespace = request.namespace or DEFAULT_NAMESPACE
+        keys = []
+        for disk in request.config.storage:
+            key = (host_id, disk.path)
+            self._disk_claims.setdefault(key, {})[vm_id] = (not disk.read_only, namespace)
+            keys.append(key)
+        return keys
+
+    def _release_disks(self, keys: list[tuple[str, str]], vm_id: str) -> None:
+        for key in keys:
+            users = self._disk_claims.get(key)
+            if users is not None:
+                users.pop(vm_id, None)
+                if not users:
+                    del self._disk_claims[key]
 
     async def _preflight(self, choice: scheduler.Choice, vm_id: str,
                          config: vm_pb2.VmConfig) -> None:

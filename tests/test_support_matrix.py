@@ -153,14 +153,18 @@ class Plane:
         self.example = example
         self.files = files
         self.created: list[str] = []
+        self.roots = 0
 
     # ---- configs
 
     def base(self) -> vm_pb2.VmConfig:
-        """1 vCPU, 512 MiB (inside both backends' ranges), one writable root disk "root"."""
+        """1 vCPU, 512 MiB (inside both backends' ranges), one writable root disk "root",
+        a file of its own: two VMs never write one image."""
         config = self.example("serverless-function")
         config.storage[0].read_only = False
         config.storage[0].id = "root"
+        self.roots += 1
+        config.storage[0].path = self.disk_file(f"root-{self.roots}")
         return config
 
     def disk_file(self, name: str) -> str:
@@ -171,8 +175,9 @@ class Plane:
         return str(path)
 
     def add_disks(self, config: vm_pb2.VmConfig, count: int) -> None:
+        self.roots += 1
         for i in range(count):
-            config.storage.add(id=f"d{i}", path=self.disk_file(f"d{i}"))
+            config.storage.add(id=f"d{i}", path=self.disk_file(f"d{self.roots}-{i}"))
 
     # ---- calls
 
