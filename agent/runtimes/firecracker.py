@@ -207,7 +207,7 @@ def config_violations(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]
         violation("config.boot.kernel_args",
                   f"{args_bytes} bytes is too long: firecracker's kernel command line holds "
                   f"{CMDLINE_CAPACITY - 1} bytes, and for this VM's devices it adds {added} "
-                  f"of its own (pci=off, root=, one virtio_mmio.device= per device), which "
+                  "of its own (pci=off, root=, one virtio_mmio.device= per device), which "
                   f"leaves {CMDLINE_CAPACITY - 1 - added}")
     size = config.memory.size_bytes
     if size % MIB:
