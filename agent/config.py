@@ -59,6 +59,14 @@ class AgentConfig:
     # directories; block (and VFIO) devices must match one of the allowlist's globs.
     host_path_roots: list[str] = field(default_factory=lambda: ["/var/lib/vmm"])
     host_device_allowlist: list[str] = field(default_factory=list)
+    # Hypervisors run as one uid of this range per VM ("low-high"; empty: as the agent's
+    # own user), with this gid, in a cgroup under cgroup_parent (empty: none) limited to
+    # the VM's vCPUs, its memory plus the overhead allowance, and hypervisor_pids_max.
+    hypervisor_uids: str = "64000-64999"
+    hypervisor_gid: int = 64000
+    cgroup_parent: str = "vmm"
+    hypervisor_memory_overhead_bytes: int = 512 << 20
+    hypervisor_pids_max: int = 512
     labels: list[str] = field(default_factory=list)
     # Make and remove the TAP devices of NICs that name a bridge (needs CAP_NET_ADMIN).
     manage_network: bool = True

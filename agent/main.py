@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import resource
 import signal
 
 from agent import config as config_module
+from agent.cgroups import Hierarchy, VmCgroups
 from agent.config import AgentConfig
 from agent.host_paths import HostPathPolicy
+from agent.jail import HypervisorJail, JailSettings, parse_uid_range
 from agent.metrics import AgentTelemetry, MetricsSampler, serve_metrics
 from agent.network.host import HostNetwork
 from agent.reconciler import Reconciler
@@ -29,9 +32,27 @@ def runtime_settings(config: AgentConfig) -> dict[str, RuntimeSettings]:
         backend: RuntimeSettings(
             binary=config.binary_for(backend) or None, force_simulator=config.force_simulator,
             default_shutdown_timeout=config.shutdown_timeout, boot_timeout=config.boot_timeout,
-            accel=config.qemu_accel)
+            accel=config.qemu_accel,
+            host_path_roots=HostPathPolicy.of(config.host_path_roots).roots)
         for backend in RUNTIME_CLASSES
     }
+
+
+def jail_settings(config: AgentConfig) -> JailSettings:
+    vm_cgroups = None
+    if config.cgroup_parent:
+        hierarchy = Hierarchy.detect()
+        if hierarchy is None:
+            raise SystemExit("no cgroup hierarchy with the cpu, memory and pids controllers: "
+                             "mount one, or set cgroup_parent empty to run without")
+        # One group per agent (named by its state dir), so that each removes only its own.
+        agent = "agent-" + hashlib.sha256(str(config.state_path.resolve()).encode()
+                                          ).hexdigest()[:12]
+        vm_cgroups = VmCgroups(hierarchy, config.cgroup_parent, agent)
+    return JailSettings(uids=parse_uid_range(config.hypervisor_uids),
+                        gid=config.hypervisor_gid, cgroups=vm_cgroups,
+                        memory_overhead_bytes=config.hypervisor_memory_overhead_bytes,
+                        pids_max=config.hypervisor_pids_max)
 
 
 class Agent:
@@ -42,10 +63,11 @@ class Agent:
             runtime_settings(config), config.backends or None)
         settings = RuntimeSettings(default_shutdown_timeout=config.shutdown_timeout,
                                    boot_timeout=config.boot_timeout)
-        network = HostNetwork(config.host_id) if config.manage_network else None
+        jail = HypervisorJail(self.state, jail_settings(config))
+        network = HostNetwork(config.host_id, jail.uid_of) if config.manage_network else None
         host_paths = HostPathPolicy.of(config.host_path_roots, config.host_device_allowlist)
         self.reconciler = Reconciler(self.state, self.runtimes, self._report, settings,
-                                     network, host_paths)
+                                     network, host_paths, jail)
         self.sampler = MetricsSampler(self.reconciler, config.metrics_interval,
                                       config.metrics_concurrency)
         self.telemetry = AgentTelemetry(self.reconciler, self.sampler, config.host_id)
@@ -82,6 +104,7 @@ class Agent:
             log.info("stopping every VM before exit")
             await self.reconciler.stop_all()
         await self.reconciler.stop()
+        self.reconciler.jail.close()
 
 
 async def serve(config: AgentConfig) -> None:

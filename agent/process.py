@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from agent.jail import Confinement
 from vmm.common import failpoints
 
 
@@ -53,13 +54,17 @@ WAITER_START_TIMEOUT = 10.0
 
 def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
           env: dict[str, str] | None = None, hypervisor_log: Path | None = None,
-          exit_file: Path | None = None) -> ProcessRef:
+          exit_file: Path | None = None,
+          confinement: Confinement | None = None) -> ProcessRef:
     """Start argv detached from the agent, stdout appended to console_log (where a
     hypervisor writes its guest's serial port) and stderr to hypervisor_log (its own
     messages; console_log too when None). With exit_file, argv runs under a waiter
-    (agent.waiter) that writes its exit status there, whoever adopts it meanwhile."""
+    (agent.waiter) that writes its exit status there, whoever adopts it meanwhile.
+    A confinement runs argv as its uid and puts it (and its waiter) in its cgroup."""
     console_log.parent.mkdir(parents=True, exist_ok=True)
     command = list(argv)
+    if confinement is not None:
+        command = [*confinement.drop_privileges(), *command]
     if exit_file is not None:
         exit_file.unlink(missing_ok=True)
         command = [sys.executable, "-I", "-S", WAITER, str(exit_file), *command]
@@ -75,12 +80,25 @@ def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
             start_new_session=True,
             close_fds=True,
         )
+    _enter_cgroup(proc, proc.pid, confinement)  # so that what it starts starts there
     _reap_in_background(proc)
     failpoints.hit("agent.process.spawned", console_log.parent.name)
     if exit_file is None:
         return ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
     child = _waiters_child(proc)
+    _enter_cgroup(proc, child.pid, confinement)  # had the waiter forked before it moved
     return ProcessRef(child.pid, child.create_time(), str(exit_file))
+
+
+def _enter_cgroup(proc: subprocess.Popen[bytes], pid: int,
+                  confinement: Confinement | None) -> None:
+    if confinement is None or not confinement.cgroup_procs:
+        return
+    try:
+        confinement.enter_cgroup(pid)
+    except OSError:
+        proc.kill()
+        raise
 
 
 def _waiters_child(waiter: subprocess.Popen[bytes]) -> psutil.Process:
@@ -225,7 +243,7 @@ async def wait_for_socket(path: Path, ref: ProcessRef, timeout: float) -> None:
         if path.exists():  # noqa: ASYNC240 - a stat of a local path does not block
             return
         if not is_alive(ref):
-            raise RuntimeError(f"hypervisor exited before creating its API socket {path}")
+            raise RuntimeError(f"{exit_detail(ref)} before creating its API socket {path}")
         await asyncio.sleep(0.002)
     raise TimeoutError(f"hypervisor did not create its API socket {path} within {timeout}s")
 

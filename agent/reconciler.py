@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from agent import process, restarts
 from agent.guest_panic import PANIC_REASON, PanicScanner
 from agent.host_paths import HostPathPolicy
+from agent.jail import HypervisorJail, JailSettings
 from agent.network.guest import with_ip_args
 from agent.network.host import HostNetwork
 from agent.runtimes.base import (
@@ -54,7 +55,8 @@ class Reconciler:
                  report: Callable[[agent_pb2.VmStatus], None],
                  settings: RuntimeSettings | None = None,
                  network: HostNetwork | None = None,
-                 host_paths: HostPathPolicy | None = None) -> None:
+                 host_paths: HostPathPolicy | None = None,
+                 jail: HypervisorJail | None = None) -> None:
         self.state = state
         # Makes and removes the VMs' TAPs; None leaves host devices alone (NICs name
         # existing TAPs only).
@@ -62,6 +64,7 @@ class Reconciler:
         # Each VM's NICs as the host runs them (TAP, MAC, address).
         self.nics: dict[str, list[vm_pb2.NetworkInterfaceStatus]] = {}
         self.host_paths = host_paths or HostPathPolicy()
+        self.jail = jail or HypervisorJail(state, JailSettings())
         self.runtimes = runtimes
         self.report = report
         self.settings = settings or RuntimeSettings()
@@ -117,6 +120,8 @@ class Reconciler:
             await self._stop_strays(unproven)
         if self.network is not None:
             await self.network.sweep({vm_id: d.config for vm_id, d in self.desired.items()})
+        for name in self.jail.remove_leftovers():
+            log.info("removed cgroup %s, which belongs to no VM", name)
         return list(self.status.values())
 
     async def _adopt(self, vm: VmDir, desired: agent_pb2.DesiredVm
@@ -327,6 +332,7 @@ class Reconciler:
         allowed.CopyFrom(desired)
         allowed.config.CopyFrom(config)
         vm.link_console_output(config.console.output)
+        self.jail.prepare(vm, config, [vm.console_log, vm.hypervisor_log, vm.metrics_file])
         return allowed
 
     async def _observe(self, vm: VmDir, desired: agent_pb2.DesiredVm,
@@ -454,6 +460,11 @@ class Reconciler:
             failpoints.hit("agent.vm.destroyed", vm_id)
             if desired is not None:
                 await self._release_network(vm_id, desired.config)
+            try:
+                self.jail.release(vm)
+            except OSError:
+                log.exception("releasing the jail of vm %s failed", vm_id,
+                              extra={"vm_id": vm_id})
             vm.remove()
             failpoints.hit("agent.vm.removed", vm_id)
             self.status.pop(vm_id, None)

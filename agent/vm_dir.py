@@ -13,6 +13,7 @@
                    link to the config's console.output when it names one
     console.boot   the size console.log had when the guest last booted
     exit.status    "PID STATUS" of the hypervisor once it ended, from its waiter process
+    jail.json      the hypervisor's uid, gid and cgroup, and the host files handed to it
     metrics.json   hypervisor metrics output, where the backend writes a file
     hypervisor.log the hypervisor's own log and its stderr (.1: the previous process's,
                    for backends that start it afresh)
@@ -106,6 +107,10 @@ class VmDir:
     @property
     def phase_file(self) -> Path:
         return self.path / "phase"
+
+    @property
+    def jail_file(self) -> Path:
+        return self.path / "jail.json"
 
     def link_console_output(self, output: str) -> None:
         """Send the console to output (a path the host path policy allowed) as well:
@@ -209,6 +214,7 @@ class StateDir:
         self.root = root
         self.vms_root = root / "vms"
         self.vms_root.mkdir(parents=True, exist_ok=True)
+        self.sockets_dir = VmDir(self.vms_root / "x").api_socket.parent
 
     def vm(self, vm_id: str) -> VmDir:
         return VmDir(self.vms_root / vm_id)

@@ -143,6 +143,11 @@ class NumaNodeJson(TypedDict, total=False):
     memory_zones: list[str]
 
 
+class LandlockRuleJson(TypedDict):
+    path: str
+    access: str  # "r", "w" or "rw"
+
+
 class VmConfigJson(TypedDict, total=False):
     cpus: CpusJson
     memory: MemoryJson
@@ -156,6 +161,8 @@ class VmConfigJson(TypedDict, total=False):
     numa: list[NumaNodeJson]
     # A pvpanic device: a guest kernel panic becomes a ("guest", "panic") event.
     pvpanic: bool
+    landlock_enable: bool
+    landlock_rules: list[LandlockRuleJson]
 
 
 # ---- answers ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -43,9 +44,11 @@ def shaped_rate(nic: vm_pb2.NetworkInterface, runtime: Runtime | None) -> int:
 
 
 class HostNetwork:
-    def __init__(self, owner: str, tap_uid: int = 0) -> None:
+    def __init__(self, owner: str,
+                 tap_uid: Callable[[str], int | None] = lambda vm_id: None) -> None:
         # The agent's id, part of every TAP name and alias it makes.
         self.owner = owner
+        # The uid a VM's TAPs belong to: its hypervisor's, which opens them unprivileged.
         self.tap_uid = tap_uid
 
     # ---- plans (pure, apart from asking whether tap_device is a bridge) --------------
@@ -84,7 +87,8 @@ class HostNetwork:
               runtime: Runtime | None) -> None:
         queue_pairs = runtime.nic_queue_pairs(nic) if runtime is not None else 1
         spec = links.TapSpec(name=plan.tap, bridge=plan.bridge, mtu=nic.mtu,
-                             owner_uid=self.tap_uid, multi_queue=queue_pairs > 1,
+                             owner_uid=self.tap_uid(vm_id) or 0,
+                             multi_queue=queue_pairs > 1,
                              alias=tap_alias(self.owner, vm_id, plan.nic_id), vlan=nic.vlan,
                              rate_bytes=shaped_rate(nic, runtime))
         try:

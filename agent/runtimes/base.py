@@ -71,6 +71,9 @@ class RuntimeSettings:
     boot_timeout: float = 60.0
     # Acceleration for backends that can choose (QEMU): auto | kvm | tcg.
     accel: str = "auto"
+    # The host path policy's roots: what a sandbox (Cloud Hypervisor's Landlock) must let
+    # the hypervisor reach beyond the files of its boot config, for hot-plugged devices.
+    host_path_roots: tuple[str, ...] = ()
 
 
 class Runtime(ABC):

@@ -38,9 +38,11 @@ from agent.hypervisors.cloud_hypervisor_api import (
     CloudHypervisorApiError,
     DeviceJson,
     NetJson,
+    VmConfigJson,
     VmInfo,
     VmState,
 )
+from agent.jail import Confinement
 from agent.process import ProcessRef
 from agent.runtimes.base import (
     Observation,
@@ -50,6 +52,7 @@ from agent.runtimes.base import (
     find_binary,
     hypervisor_log_tail,
     positive_int,
+    rotate_log,
 )
 from agent.runtimes.cloud_hypervisor_config import (
     MIB,
@@ -200,6 +203,7 @@ class CloudHypervisorRuntime(Runtime):
         # One keep-alive API client per VM for vm.counters.
         self._metrics_clients: ClientCache[CloudHypervisorApi] = ClientCache(
             functools.partial(CloudHypervisorApi, timeout=METRICS_TIMEOUT))
+        self._landlock: bool | None = None  # does the binary have Landlock?
 
     @classmethod
     def detect(cls, settings: RuntimeSettings) -> CloudHypervisorRuntime | None:
@@ -225,14 +229,36 @@ class CloudHypervisorRuntime(Runtime):
     def version(self) -> str:
         return binary_version(self.binary)
 
+    def files_written(self, vm: VmDir) -> list[Path]:
+        return [*super().files_written(vm), event_file(vm)]
+
     def preflight(self, vm_id: str, config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
         _, violations = translate_config(config)
         return violations
 
     # ---- lifecycle
 
+    def _sandboxed(self, vm_config: VmConfigJson) -> VmConfigJson:
+        """Landlock on, where the binary has it: Cloud Hypervisor then reaches only the
+        files of the config, and the host path roots for devices plugged in later."""
+        if self._has_landlock():
+            vm_config["landlock_enable"] = True
+            vm_config["landlock_rules"] = [{"path": root, "access": "rw"}
+                                           for root in self.settings.host_path_roots]
+        return vm_config
+
+    def _has_landlock(self) -> bool:
+        if self._landlock is None:
+            try:
+                usage = subprocess.run([self.binary, "--help"], capture_output=True,
+                                       text=True, timeout=10).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                usage = ""
+            self._landlock = "--landlock" in usage
+        return self._landlock
+
     async def create(self, vm: VmDir, desired: agent_pb2.DesiredVm) -> None:
-        vm_config = vm_config_or_refuse(desired.config)
+        vm_config = self._sandboxed(vm_config_or_refuse(desired.config))
         vm.create()
         if self.live_process(vm) is None:
             ref = await self._start_vmm(vm, desired.config)
@@ -254,7 +280,7 @@ class CloudHypervisorRuntime(Runtime):
         async with self._api(vm) as api:
             info = await self._info(api)
             if info is None:
-                await api.create_vm(vm_config_or_refuse(desired.config))
+                await api.create_vm(self._sandboxed(vm_config_or_refuse(desired.config)))
             elif info.state == VmState.RUNNING:
                 return
             elif info.state == VmState.PAUSED:
@@ -558,13 +584,14 @@ class CloudHypervisorRuntime(Runtime):
 
     async def _start_vmm(self, vm: VmDir, config: vm_pb2.VmConfig) -> ProcessRef:
         vm.api_socket.unlink(missing_ok=True)
-        # Cloud Hypervisor truncates its log file at start: keep the previous process's.
-        if vm.hypervisor_log.exists():
-            vm.hypervisor_log.replace(vm.hypervisor_log.with_name(
-                vm.hypervisor_log.name + ".1"))
+        # Cloud Hypervisor truncates its log file at start: keep the previous process's
+        # (a fresh file for the next, its uid's: it may not create files in the VM dir).
+        rotate_log(vm.hypervisor_log)
         # -v: info level, where Cloud Hypervisor logs API errors and lifecycle events;
-        # without it the log holds warnings only.
+        # without it the log holds warnings only. The seccomp filter is on by default;
+        # said here so that it stays on.
         argv = [self.binary, "--api-socket", f"path={vm.api_socket}", "--no-shutdown", "-v",
+                "--seccomp", "true",
                 "--log-file", str(vm.hypervisor_log),
                 # Where its pvpanic device's reports arrive (see guest_panic_reported).
                 "--event-monitor", f"path={event_file(vm)}"]
@@ -574,7 +601,8 @@ class CloudHypervisorRuntime(Runtime):
             argv += ["--gdb", f"path={gdb_socket}"]
         # Its stdout is the guest's serial port (mode Tty); its log and stderr go apart.
         ref = process.spawn(argv, vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
-                            exit_file=vm.exit_status_file)
+                            exit_file=vm.exit_status_file,
+                            confinement=Confinement.load(vm))
         max_memory = max(config.memory.max_size_bytes, config.memory.size_bytes)
         self.save_process(vm, ref, phase=PHASE_CREATED, booted_at=0,
                           max_memory_bytes=max_memory,

@@ -62,6 +62,7 @@ from agent.hypervisors.firecracker_api import (
     RateLimiter,
     TokenBucket,
 )
+from agent.jail import Confinement
 from agent.process import ProcessRef
 from agent.runtimes.base import (
     Observation,
@@ -637,7 +638,8 @@ class FirecrackerRuntime(Runtime):
             [*self.command, "--api-sock", str(vm.api_socket), "--id", instance_id(vm.vm_id),
              "--log-path", str(vm.hypervisor_log), "--level", "Info"],
             vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
-            exit_file=vm.exit_status_file)
+            exit_file=vm.exit_status_file,
+            confinement=Confinement.load(vm))
         self._record(vm, ref)
         self._samples.pop(vm.path, None)
         try:

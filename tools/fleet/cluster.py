@@ -199,12 +199,15 @@ class Cluster:
                   backends: str = "firecracker", extra: list[str] | None = None,
                   env: dict[str, str] | None = None, controller: str = "",
                   host_path_roots: list[Path] | None = None,
-                  simulated: bool = True) -> Process:
+                  simulated: bool = True, jailed: bool = False) -> Process:
         """An agent process. VM files are allowed under host_path_roots: by default the
         cluster's work dir, the temp dir (where tests make their files) and the built
         guest images. `simulated` makes it drive the Firecracker and Cloud Hypervisor API
         simulators even where real binaries exist (the stand-in kernels such tests boot
-        load only there); False lets it use what it finds or `extra` names."""
+        load only there); False lets it use what it finds or `extra` names. Hypervisors
+        always get a cgroup; only `jailed` runs them as their own uids, which needs a work
+        dir those uids can reach (pytest's tmp_path is not: its ancestors are private to
+        root)."""
         if simulated:
             extra = ["--force-simulator", "true", *(extra or [])]
         state = self.workdir / f"agent-{host_id}"
@@ -218,6 +221,7 @@ class Cluster:
             "--heartbeat-interval", "0.5", "--shutdown-timeout", "3", "--log-level", "debug",
             "--stop-vms-on-exit", "true",
             "--host-path-roots", ",".join(str(root) for root in roots),
+            *([] if jailed else ["--hypervisor-uids", ""]),
             *(extra or [])], self.workdir / f"agent-{host_id}.log", {**self.env, **(env or {})})
         agent.start()
         self.agents[host_id] = agent

@@ -48,6 +48,7 @@ DEFAULT_KERNEL_ARGS = "console=ttyS0"
 # q35: PCIe root ports kept free for devices attached at runtime, and DIMM slots.
 SPARE_HOTPLUG_PORTS = 8
 MEMORY_SLOTS = 8
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ def build_launch(binary: str, vm: VmDir, config: vm_pb2.VmConfig,
         # QMP events (GUEST_PANICKED among them) written to a file: see qemu.events.
         "-chardev", f"pipe,id=qmp-events,path={_escape(str(events.base_path(vm)))}",
         "-mon", "chardev=qmp-events,mode=control",
+        # QEMU's seccomp filter: no obsolete syscalls, no setuid, no fork/exec, no changing
+        # its own scheduling or limits (the agent pins vCPU threads from outside).
+        "-sandbox", SANDBOX,
     ]
     machine_props = [f"{machine.value}", f"accel={accel.accel.value}"]
     argv += _smp_args(config)

@@ -41,6 +41,7 @@ from google.protobuf import json_format
 
 from agent import process
 from agent.hypervisors.qmp import QmpClient
+from agent.jail import Confinement
 from agent.process import ProcessRef
 from agent.runtimes.base import (
     Observation,
@@ -299,7 +300,8 @@ class QemuRuntime(Runtime):
         self._events.forget(vm)
         ref = process.spawn(launch.argv, vm.console_log, cwd=vm.path,
                             hypervisor_log=vm.hypervisor_log,
-                            exit_file=vm.exit_status_file)
+                            exit_file=vm.exit_status_file,
+                            confinement=Confinement.load(vm))
         self.save_process(vm, ref, api_socket=str(vm.api_socket),
                           **{record.ACCEL: accel.accel.value, record.ACCEL_REASON: accel.reason,
                              record.MACHINE: launch.machine.value, record.PORTS: launch.ports,

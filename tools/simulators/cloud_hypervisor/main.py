@@ -41,7 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", action="count", default=0,
                         help="log API requests (info) to the log file")
     parser.add_argument("--log-file", type=Path, help="where to log API requests")
-    parser.add_argument("--seccomp", help="ignored")
+    # As v53's command line: the value is checked, the filter itself is not simulated.
+    parser.add_argument("--seccomp", choices=("true", "false", "log"), default="true",
+                        help="seccomp filter: true, false or log (accepted, not simulated)")
+    parser.add_argument("--landlock", action="store_true",
+                        help="Landlock for a VM given on the command line (accepted, not "
+                             "simulated)")
+    parser.add_argument("--landlock-rules", nargs="+", action="append",
+                        help="path=<path>,access=[rw]")
     if guest_debug_built():
         parser.add_argument("--gdb", help="GDB socket (UNIX domain socket): path=<path> "
                             "(accepted and ignored: the simulator has no GDB stub)")

@@ -1,0 +1,164 @@
+"""A cgroup per hypervisor, with the VM's CPU, memory and pids limits.
+
+cgroup v2 where the unified hierarchy offers the cpu, memory and pids controllers; else
+cgroup v1, one hierarchy per controller (hosts that mount v1 controllers beside an empty or
+partial unified mount). Each agent keeps its VMs' groups under one group of its own,
+`<parent>/<agent>`, so it can remove what belongs to none of its VMs without touching
+another agent's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+CONTROLLERS = ("cpu", "memory", "pids")
+# cpu.cfs_period_us / the period of cpu.max: 100 ms, the kernel's default.
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    vcpus: int
+    memory_bytes: int
+    pids: int
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """Where the controllers live: one v2 directory, or a v1 directory per controller."""
+
+    version: int
+    mounts: dict[str, Path]
+
+    @classmethod
+    def detect(cls) -> Hierarchy | None:
+        v1: dict[str, Path] = {}
+        for part in psutil.disk_partitions(all=True):
+            if part.fstype == "cgroup2":
+                mount = Path(part.mountpoint)
+                try:
+                    offered = set((mount / "cgroup.controllers").read_text().split())
+                except OSError:
+                    continue
+                if set(CONTROLLERS) <= offered:
+                    return cls(2, dict.fromkeys(CONTROLLERS, mount))
+            elif part.fstype == "cgroup":
+                for option in part.opts.split(","):
+                    if option in CONTROLLERS:
+                        v1[option] = Path(part.mountpoint)
+        if set(CONTROLLERS) <= v1.keys():
+            return cls(1, v1)
+        return None
+
+    def dirs(self, group: str) -> list[Path]:
+        """The directories of one group: one for v2, one per controller for v1."""
+        return sorted({mount / group for mount in self.mounts.values()})
+
+    def procs_files(self, group: str) -> list[Path]:
+        return [d / "cgroup.procs" for d in self.dirs(group)]
+
+    def limit_files(self, group: str, limits: Limits) -> dict[Path, str]:
+        quota = limits.vcpus * CPU_PERIOD_US
+        if self.version == 2:
+            d = self.mounts["cpu"] / group
+            return {d / "cpu.max": f"{quota} {CPU_PERIOD_US}",
+                    d / "memory.max": str(limits.memory_bytes),
+                    d / "memory.swap.max": "0",
+                    d / "pids.max": str(limits.pids)}
+        cpu, memory, pids = (self.mounts[c] / group for c in CONTROLLERS)
+        return {cpu / "cpu.cfs_period_us": str(CPU_PERIOD_US),
+                cpu / "cpu.cfs_quota_us": str(quota),
+                memory / "memory.limit_in_bytes": str(limits.memory_bytes),
+                pids / "pids.max": str(limits.pids)}
+
+
+class VmCgroups:
+    """The groups of one agent's hypervisors: `<parent>/<agent>/<vm name>`."""
+
+    def __init__(self, hierarchy: Hierarchy, parent: str, agent: str) -> None:
+        self.hierarchy = hierarchy
+        self.base = f"{parent.strip('/')}/{agent}"
+
+    def group(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def create(self, name: str, limits: Limits) -> list[Path]:
+        """Create (or reset) the VM's group with its limits; the cgroup.procs files a
+        process writes itself into."""
+        if self.hierarchy.version == 2:
+            self._enable_controllers_down_to(self.group(name))
+        for d in self.hierarchy.dirs(self.group(name)):
+            d.mkdir(parents=True, exist_ok=True)
+        for path, value in self.hierarchy.limit_files(self.group(name), limits).items():
+            if path.exists():  # memory.swap.max only exists with swap accounting
+                path.write_text(value)
+        return self.hierarchy.procs_files(self.group(name))
+
+    def _enable_controllers_down_to(self, group: str) -> None:
+        # v2: a group's controllers must be enabled in every ancestor's subtree_control.
+        mount = self.hierarchy.mounts["cpu"]
+        current = mount
+        for part in Path(group).parts[:-1]:
+            current = current / part
+            current.mkdir(exist_ok=True)
+        current = mount
+        for part in Path(group).parts[:-1]:
+            control = current / "cgroup.subtree_control"
+            enabled = set(control.read_text().split())
+            for controller in CONTROLLERS:
+                if controller not in enabled:
+                    control.write_text(f"+{controller}")
+            current = current / part
+        (current / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
+
+    def remove(self, name: str) -> None:
+        """Remove the VM's group; its processes must be gone."""
+        for d in self.hierarchy.dirs(self.group(name)):
+            _rmdir(d)
+
+    def names(self) -> set[str]:
+        """The VM groups that exist under this agent's group."""
+        found: set[str] = set()
+        for d in self.hierarchy.dirs(self.base):
+            with contextlib.suppress(OSError):
+                found |= {p.name for p in d.iterdir() if p.is_dir()}
+        return found
+
+    def remove_own_group_if_empty(self) -> None:
+        """At agent exit: the agent's group goes when none of its VMs has one left."""
+        for d in self.hierarchy.dirs(self.base):
+            with contextlib.suppress(OSError):  # in use, or already gone
+                d.rmdir()
+
+    def remove_all_but(self, keep: set[str]) -> list[str]:
+        """Remove the groups of VMs not in keep (left by a crash); the names removed."""
+        removed = [name for name in sorted(self.names() - keep)]
+        for name in removed:
+            self.remove(name)
+        return removed
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            log.warning("cgroup %s still has processes; left in place", path)
+        else:
+            raise
+
+
+def move(pid: int, procs_files: list[Path]) -> None:
+    """Move a process, all its threads, into a group (its cgroup.procs files)."""
+    for path in procs_files:
+        path.write_text(str(pid))

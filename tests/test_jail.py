@@ -1,0 +1,235 @@
+"""Hypervisors run with least privilege: a uid of their own, in a cgroup limited to what
+the VM's config implies, sandboxed where the hypervisor can be. Real processes, read from
+/proc and the cgroup files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.cgroups import CPU_PERIOD_US, Hierarchy
+from agent.runtimes.qemu.launch import SANDBOX
+from tests.conftest import FAKE_KERNEL
+from tools.fleet.cluster import ROOT, Cluster, wait_until
+from tools.guests.images import TinyGuest, default_cache_dir
+from vmm.v1 import vm_pb2
+
+MIB = 1 << 20
+# An interpreter every uid can run: the project's own may live in a root-only home.
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+SIMULATORS = {"firecracker": "tools.simulators.firecracker.main",
+              "cloud-hypervisor": "tools.simulators.cloud_hypervisor.main"}
+UIDS = (64100, 64109)
+GID = 64100
+OVERHEAD = 200 * MIB
+PIDS_MAX = 300
+
+
+@pytest.fixture
+def jail_dir() -> Iterator[Path]:
+    # Hypervisor uids must reach the state and image dirs: pytest's tmp_path lies under a
+    # root-only directory, so this work dir is made traversable (not listable) instead.
+    with tempfile.TemporaryDirectory(prefix="vmm-jail-") as tmp:
+        os.chmod(tmp, 0o711)
+        yield Path(tmp)
+
+
+@pytest.fixture
+def jailed_cluster(jail_dir: Path) -> Iterator[Cluster]:
+    if Hierarchy.detect() is None:
+        pytest.skip("needs cgroups with the cpu, memory and pids controllers")
+    cluster = Cluster(jail_dir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def simulator_binaries(workdir: Path) -> list[str]:
+    """The simulators as executables on an interpreter the hypervisor uids can run: flags
+    that configure them as each backend's binary."""
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"needs {SYSTEM_PYTHON} to run the simulators as unprivileged uids")
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir(mode=0o755)
+    flags = []
+    for backend, module in SIMULATORS.items():
+        script = bin_dir / f"{backend}-sim"
+        script.write_text(f"#!{SYSTEM_PYTHON}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                          f"from {module} import main\nsys.exit(main())\n")
+        script.chmod(0o755)
+        flags += [f"--{backend}-binary", str(script)]
+    return flags
+
+
+def add_jailed_agent(cluster: Cluster, backends: str, extra: list[str] | None = None) -> None:
+    cluster.add_agent("j1", backends=backends, jailed=True, simulated=False,
+                      host_path_roots=[cluster.workdir / "files", default_cache_dir()],
+                      extra=[*(extra or []), "--hypervisor-uids", f"{UIDS[0]}-{UIDS[1]}",
+                             "--hypervisor-gid", str(GID),
+                             "--hypervisor-memory-overhead-bytes", str(OVERHEAD),
+                             "--hypervisor-pids-max", str(PIDS_MAX)])
+
+
+def hypervisor_pid(cluster: Cluster, vm_id: str) -> int:
+    runtime = cluster.workdir / "agent-j1" / "vms" / vm_id / "runtime.json"
+    return int(json.loads(runtime.read_text())["pid"])
+
+
+def proc_ids(pid: int, key: str) -> list[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return [int(x) for x in line.split()[1:]]
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def cgroup_dirs(pid: int) -> dict[str, Path]:
+    """controller -> the directory of the process's group in that controller."""
+    hierarchy = Hierarchy.detect()
+    assert hierarchy is not None
+    found: dict[str, Path] = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, group = line.split(":", 2)
+        if not controllers and hierarchy.version == 1:
+            continue  # the unified hierarchy's line, which holds no controller here
+        for controller in controllers.split(",") if controllers else list(hierarchy.mounts):
+            if controller in hierarchy.mounts:
+                found[controller] = hierarchy.mounts[controller] / group.lstrip("/")
+    return found
+
+
+def limits(dirs: dict[str, Path]) -> dict[str, int]:
+    def read(controller: str, v1: str, v2: str) -> str:
+        d = dirs[controller]
+        return ((d / v1) if (d / v1).exists() else (d / v2)).read_text().split()[0]
+
+    cpu = dirs["cpu"]
+    if (cpu / "cpu.max").exists():
+        quota, period = (cpu / "cpu.max").read_text().split()
+    else:
+        quota = (cpu / "cpu.cfs_quota_us").read_text()
+        period = (cpu / "cpu.cfs_period_us").read_text()
+    return {"quota": int(quota), "period": int(period),
+            "memory": int(read("memory", "memory.limit_in_bytes", "memory.max")),
+            "pids": int(read("pids", "pids.max", "pids.max"))}
+
+
+def assert_jailed(cluster: Cluster, vm_id: str, vcpus: int, memory: int) -> dict[str, Path]:
+    pid = hypervisor_pid(cluster, vm_id)
+    uids, gids = proc_ids(pid, "Uid"), proc_ids(pid, "Gid")
+    assert len(set(uids)) == 1 and UIDS[0] <= uids[0] <= UIDS[1], uids  # real..fs
+    assert set(gids) == {GID}, gids
+    # No supplementary group but the one that may open /dev/kvm.
+    assert set(proc_ids(pid, "Groups")) <= {Path("/dev/kvm").stat().st_gid}
+    dirs = cgroup_dirs(pid)
+    assert {"cpu", "memory", "pids"} <= dirs.keys()
+    assert all(d.name == vm_id for d in dirs.values()), dirs
+    assert limits(dirs) == {"quota": vcpus * CPU_PERIOD_US, "period": CPU_PERIOD_US,
+                            "memory": memory + OVERHEAD, "pids": PIDS_MAX}
+    return dirs
+
+
+def simulator_config(files: Path, vcpus: int) -> vm_pb2.VmConfig:
+    files.mkdir(exist_ok=True)
+    (files / "vmlinux").write_bytes(FAKE_KERNEL)
+    disk = files / f"root-{vcpus}.img"
+    with open(disk, "wb") as f:
+        f.truncate(MIB)
+    return vm_pb2.VmConfig(
+        cpu=vm_pb2.CpuConfig(vcpu_count=vcpus), memory=vm_pb2.MemoryConfig(size_bytes=512 * MIB),
+        boot=vm_pb2.BootConfig(kernel_path=str(files / "vmlinux"), kernel_args="console=ttyS0"),
+        storage=[vm_pb2.StorageDevice(id="root", path=str(disk), is_root_device=True)])
+
+
+def delete_and_check_gone(cluster: Cluster, vm_id: str, dirs: dict[str, Path]) -> None:
+    cluster.vms.DeleteVm(vm_pb2.DeleteVmRequest(vm_id=vm_id, force=True))
+    wait_until(lambda: not any(d.exists() for d in dirs.values()), timeout=30,
+               what=f"the cgroup of {vm_id} to be removed")
+
+
+def test_simulated_hypervisors_run_as_their_own_uid_in_a_limited_cgroup(
+        jailed_cluster: Cluster) -> None:
+    add_jailed_agent(jailed_cluster, "firecracker,cloud-hypervisor",
+                     simulator_binaries(jailed_cluster.workdir))
+    files = jailed_cluster.workdir / "files"
+    uids = set()
+    for vm_id, backend, vcpus in (("fc-1", "firecracker", 2), ("ch-1", "cloud-hypervisor", 1)):
+        config = simulator_config(files, vcpus)
+        jailed_cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id=vm_id, config=config,
+                                                           backend=backend))
+        jailed_cluster.vms.BootVm(vm_pb2.BootVmRequest(vm_id=vm_id))
+        dirs = assert_jailed(jailed_cluster, vm_id, vcpus, 512 * MIB)
+        pid = hypervisor_pid(jailed_cluster, vm_id)
+        uid = proc_ids(pid, "Uid")[0]
+        uids.add(uid)
+        disk = Path(config.storage[0].path)
+        assert disk.stat().st_uid == uid, "the VM's writable disk is handed to its uid"
+        if backend == "cloud-hypervisor":
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert argv[argv.index(b"--seccomp") + 1] == b"true"
+        delete_and_check_gone(jailed_cluster, vm_id, dirs)
+        assert disk.stat().st_uid == 0, "the disk's owner is restored on delete"
+    # The sockets dir lets hypervisors make their sockets, and only their own.
+    sockets = jailed_cluster.workdir / "agent-j1" / "sockets"
+    assert (sockets.stat().st_gid, sockets.stat().st_mode & 0o7777) == (GID, 0o1770)
+    assert len(uids) == 1, "a freed uid is handed out again"
+
+
+def test_qemu_runs_the_tiny_guest_under_kvm_unprivileged_and_sandboxed(
+        jailed_cluster: Cluster, tiny: TinyGuest, kvm: None) -> None:
+    add_jailed_agent(jailed_cluster, "qemu")
+    config = vm_pb2.VmConfig(
+        cpu=vm_pb2.CpuConfig(vcpu_count=1), memory=vm_pb2.MemoryConfig(size_bytes=32 * MIB),
+        boot=vm_pb2.BootConfig(kernel_path=str(tiny.pvh32), boot_options={
+            "ready_marker": tiny.marker, "accel": "kvm"}))
+    jailed_cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="q-1", config=config))
+    booted = jailed_cluster.vms.BootVm(vm_pb2.BootVmRequest(vm_id="q-1"))
+    assert booted.state == vm_pb2.VM_STATE_RUNNING  # the guest printed its marker
+    dirs = assert_jailed(jailed_cluster, "q-1", 1, 32 * MIB)
+    argv = Path(f"/proc/{hypervisor_pid(jailed_cluster, 'q-1')}/cmdline").read_bytes()
+    assert f"\0-sandbox\0{SANDBOX}\0".encode() in argv
+    assert b"elevateprivileges=deny" in argv and b"spawn=deny" in argv
+    delete_and_check_gone(jailed_cluster, "q-1", dirs)
+
+
+def test_agent_start_removes_cgroups_that_belong_to_no_vm(jailed_cluster: Cluster) -> None:
+    add_jailed_agent(jailed_cluster, "firecracker", simulator_binaries(jailed_cluster.workdir))
+    files = jailed_cluster.workdir / "files"
+    jailed_cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="kept",
+                                                       config=simulator_config(files, 1)))
+    jailed_cluster.vms.BootVm(vm_pb2.BootVmRequest(vm_id="kept"))
+    kept = cgroup_dirs(hypervisor_pid(jailed_cluster, "kept"))
+    stray = {c: d.parent / "no-such-vm" for c, d in kept.items()}
+    for d in stray.values():
+        d.mkdir(exist_ok=True)
+    agent = jailed_cluster.agents["j1"]
+    agent.signal(9)
+    agent.start()
+    jailed_cluster.wait_host_ready("j1")
+    wait_until(lambda: not any(d.exists() for d in stray.values()), timeout=30,
+               what="the stray cgroup to be removed")
+    assert all(d.exists() for d in kept.values()), "an adopted VM keeps its cgroup"
+    assert_jailed(jailed_cluster, "kept", 1, 512 * MIB)
+    delete_and_check_gone(jailed_cluster, "kept", kept)
+
+
+def test_cloud_hypervisor_simulator_takes_seccomp_and_landlock_as_v53_does() -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tools.simulators.cloud_hypervisor", *args,
+                               "--version"],
+                              capture_output=True, text=True, timeout=30)
+
+    for good in (["--seccomp", "true"], ["--seccomp", "log"], ["--seccomp", "false"],
+                 ["--landlock"], ["--landlock-rules", "path=/tmp,access=rw"]):
+        assert run(*good).returncode == 0, good
+    for bad in (["--seccomp", "maybe"], ["--landlock=yes"], ["--seccomp"]):
+        refused = run(*bad)
+        assert refused.returncode == 2 and "--" in refused.stderr, (bad, refused.stderr)
