@@ -119,10 +119,10 @@ class VmCgroups:
             current = current / part
         (current / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
 
-    def remove(self, name: str) -> None:
-        """Remove the VM's group; its processes must be gone."""
-        for d in self.hierarchy.dirs(self.group(name)):
-            _rmdir(d)
+    def remove(self, name: str) -> bool:
+        """Remove the VM's group, once its processes are gone; False while one remains (a
+        killed process leaves its group a moment after it is reported dead)."""
+        return all([_rmdir(d) for d in self.hierarchy.dirs(self.group(name))])
 
     def names(self) -> set[str]:
         """The VM groups that exist under this agent's group."""
@@ -140,22 +140,19 @@ class VmCgroups:
 
     def remove_all_but(self, keep: set[str]) -> list[str]:
         """Remove the groups of VMs not in keep (left by a crash); the names removed."""
-        removed = [name for name in sorted(self.names() - keep)]
-        for name in removed:
-            self.remove(name)
-        return removed
+        return [name for name in sorted(self.names() - keep) if self.remove(name)]
 
 
-def _rmdir(path: Path) -> None:
+def _rmdir(path: Path) -> bool:
     try:
         path.rmdir()
     except FileNotFoundError:
         pass
     except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            log.warning("cgroup %s still has processes; left in place", path)
-        else:
+        if exc.errno != errno.EBUSY:
             raise
+        return False
+    return True
 
 
 def move(pid: int, procs_files: list[Path]) -> None:

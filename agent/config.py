@@ -67,6 +67,11 @@ class AgentConfig:
     cgroup_parent: str = "vmm"
     hypervisor_memory_overhead_bytes: int = 512 << 20
     hypervisor_pids_max: int = 512
+    # Firecracker's jailer (empty: Firecracker runs without): a chroot per VM under
+    # jailer_chroot_base, joining jailer_netns (a network namespace path) if one is set.
+    jailer_binary: str = ""
+    jailer_chroot_base: str = "/srv/jailer"
+    jailer_netns: str = ""
     labels: list[str] = field(default_factory=list)
     # Make and remove the TAP devices of NICs that name a bridge (needs CAP_NET_ADMIN).
     manage_network: bool = True

@@ -15,6 +15,7 @@ supplementary groups and no_new_privs, and moves it into its cgroup as soon as i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -33,6 +34,9 @@ from vmm.v1 import vm_pb2
 log = logging.getLogger(__name__)
 
 KVM_DEVICE = Path("/dev/kvm")
+# A killed hypervisor leaves its cgroup a moment after it is seen dead: retry for 5 s.
+CGROUP_REMOVE_ATTEMPTS = 100
+CGROUP_REMOVE_INTERVAL = 0.05
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"  # util-linux
 
 
@@ -174,6 +178,8 @@ class HypervisorJail:
         if uid is not None:
             gid = self.settings.gid
             for path in writable_files:
+                if path.is_symlink():
+                    continue  # into a Firecracker jail, made for the uid there
                 path.touch()
                 os.chown(path, uid, gid)
             for host_file in _host_files_written(config):
@@ -205,12 +211,18 @@ class HypervisorJail:
         """The uid the VM's hypervisor runs as; None when hypervisors run as the agent."""
         return self._uids.get(vm_id)
 
-    def release(self, vm: VmDir) -> None:
+    async def release(self, vm: VmDir) -> None:
         """After the hypervisor is gone for good: its cgroup goes, host files get their
         owners back, its uid is free again."""
         confinement = Confinement.load(vm)
         if self.settings.cgroups is not None:
-            self.settings.cgroups.remove(cgroup_name(vm.vm_id))
+            for _ in range(CGROUP_REMOVE_ATTEMPTS):
+                if self.settings.cgroups.remove(cgroup_name(vm.vm_id)):
+                    break
+                await asyncio.sleep(CGROUP_REMOVE_INTERVAL)
+            else:
+                log.warning("the cgroup of vm %s still has processes; left in place",
+                            vm.vm_id, extra={"vm_id": vm.vm_id})
         for path, (uid, gid) in confinement.owners_before.items():
             with contextlib.suppress(OSError):
                 os.chown(path, uid, gid)

@@ -9,10 +9,12 @@ import hashlib
 import logging
 import resource
 import signal
+from pathlib import Path
 
 from agent import config as config_module
 from agent.cgroups import Hierarchy, VmCgroups
 from agent.config import AgentConfig
+from agent.firecracker_jail import FirecrackerJailer
 from agent.host_paths import HostPathPolicy
 from agent.jail import HypervisorJail, JailSettings, parse_uid_range
 from agent.metrics import AgentTelemetry, MetricsSampler, serve_metrics
@@ -33,9 +35,20 @@ def runtime_settings(config: AgentConfig) -> dict[str, RuntimeSettings]:
             binary=config.binary_for(backend) or None, force_simulator=config.force_simulator,
             default_shutdown_timeout=config.shutdown_timeout, boot_timeout=config.boot_timeout,
             accel=config.qemu_accel,
-            host_path_roots=HostPathPolicy.of(config.host_path_roots).roots)
+            host_path_roots=HostPathPolicy.of(config.host_path_roots).roots,
+            jailer=jailer(config) if backend == "firecracker" else None)
         for backend in RUNTIME_CLASSES
     }
+
+
+def jailer(config: AgentConfig) -> FirecrackerJailer | None:
+    if not config.jailer_binary:
+        return None
+    if not config.hypervisor_uids:
+        raise SystemExit("jailer_binary needs hypervisor_uids: the jailer runs Firecracker "
+                         "as a VM's own uid")
+    return FirecrackerJailer(config.jailer_binary, Path(config.jailer_chroot_base),
+                             config.jailer_netns)
 
 
 def jail_settings(config: AgentConfig) -> JailSettings:

@@ -332,7 +332,8 @@ class Reconciler:
         allowed.CopyFrom(desired)
         allowed.config.CopyFrom(config)
         vm.link_console_output(config.console.output)
-        self.jail.prepare(vm, config, [vm.console_log, vm.hypervisor_log, vm.metrics_file])
+        runtime = self.runtimes.get(desired.backend)
+        self.jail.prepare(vm, config, runtime.files_written(vm) if runtime else [])
         return allowed
 
     async def _observe(self, vm: VmDir, desired: agent_pb2.DesiredVm,
@@ -461,7 +462,7 @@ class Reconciler:
             if desired is not None:
                 await self._release_network(vm_id, desired.config)
             try:
-                self.jail.release(vm)
+                await self.jail.release(vm)
             except OSError:
                 log.exception("releasing the jail of vm %s failed", vm_id,
                               extra={"vm_id": vm_id})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from agent.cgroups import CPU_PERIOD_US, Hierarchy
 from agent.runtimes.qemu.launch import SANDBOX
 from tests.conftest import FAKE_KERNEL
 from tools.fleet.cluster import ROOT, Cluster, wait_until
-from tools.guests.images import TinyGuest, default_cache_dir
+from tools.guests.images import TINY_GUEST_MARKER, TinyGuest, default_cache_dir, tiny_guest
 from vmm.v1 import vm_pb2
 
 MIB = 1 << 20
@@ -233,3 +234,57 @@ def test_cloud_hypervisor_simulator_takes_seccomp_and_landlock_as_v53_does() -> 
     for bad in (["--seccomp", "maybe"], ["--landlock=yes"], ["--seccomp"]):
         refused = run(*bad)
         assert refused.returncode == 2 and "--" in refused.stderr, (bad, refused.stderr)
+
+
+JAILER = os.environ.get("VMM_JAILER_BINARY") or shutil.which("jailer")
+FIRECRACKER = os.environ.get("VMM_FIRECRACKER_BINARY") or shutil.which("firecracker")
+
+
+@pytest.mark.skipif(JAILER is None, reason="no Firecracker jailer: set VMM_JAILER_BINARY "
+                    "or put jailer on PATH")
+@pytest.mark.skipif(FIRECRACKER is None, reason="the jailer needs a real Firecracker: set "
+                    "VMM_FIRECRACKER_BINARY or put firecracker on PATH")
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="Firecracker needs /dev/kvm")
+def test_firecracker_under_the_jailer_boots_pauses_is_adopted_and_leaves_nothing(
+        jailed_cluster: Cluster) -> None:
+    chroot_base = jailed_cluster.workdir / "jailer"
+    add_jailed_agent(jailed_cluster, "firecracker", [
+        "--firecracker-binary", str(FIRECRACKER), "--jailer-binary", str(JAILER),
+        "--jailer-chroot-base", str(chroot_base)])
+    guest = tiny_guest(default_cache_dir())
+    disk = jailed_cluster.workdir / "files" / "scratch.img"
+    disk.parent.mkdir()
+    with open(disk, "wb") as f:
+        f.truncate(MIB)
+    config = vm_pb2.VmConfig(
+        cpu=vm_pb2.CpuConfig(vcpu_count=1), memory=vm_pb2.MemoryConfig(size_bytes=128 * MIB),
+        boot=vm_pb2.BootConfig(kernel_path=str(guest.elf64), kernel_args="console=ttyS0",
+                               boot_options={"ready_marker": TINY_GUEST_MARKER}),
+        storage=[vm_pb2.StorageDevice(id="scratch", path=str(disk))])
+    vms = jailed_cluster.vms
+    vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="jailed", config=config))
+    assert vms.BootVm(vm_pb2.BootVmRequest(vm_id="jailed")).state == vm_pb2.VM_STATE_RUNNING
+    pid = hypervisor_pid(jailed_cluster, "jailed")
+    root = chroot_base / "firecracker" / "jailed" / "root"
+    # Chrooted (pivot_root in a mount namespace of its own): its / holds the jail's files.
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    assert Path(f"/proc/{pid}/root/kernel").is_file()
+    assert not Path(f"/proc/{pid}/root/etc").exists()
+    assert {"dev", "drive-0", "kernel", "run"} <= {p.name for p in root.iterdir()}
+    dirs = assert_jailed(jailed_cluster, "jailed", 1, 128 * MIB)
+    assert vms.PauseVm(vm_pb2.PauseVmRequest(vm_id="jailed")).state == vm_pb2.VM_STATE_PAUSED
+
+    agent = jailed_cluster.agents["j1"]
+    agent.signal(9)
+    agent.start()
+    jailed_cluster.wait_host_ready("j1")
+    info = vms.GetVmInfo(vm_pb2.GetVmInfoRequest(vm_id="jailed"))
+    assert info.state == vm_pb2.VM_STATE_PAUSED, info.state_reason
+    assert hypervisor_pid(jailed_cluster, "jailed") == pid, "the jailed process was adopted"
+    assert vms.ResumeVm(vm_pb2.ResumeVmRequest(vm_id="jailed")).state == \
+        vm_pb2.VM_STATE_RUNNING
+
+    delete_and_check_gone(jailed_cluster, "jailed", dirs)
+    wait_until(lambda: not any(chroot_base.iterdir()), timeout=30,
+               what="the chroot base to be empty")
+    assert disk.stat().st_uid == 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import process
+from agent.firecracker_jail import FirecrackerJailer
 from agent.hypervisors.errors import RuntimeFailure as RuntimeFailure
 from agent.process import ProcessRef
 from agent.vm_dir import VmDir
@@ -74,6 +75,8 @@ class RuntimeSettings:
     # The host path policy's roots: what a sandbox (Cloud Hypervisor's Landlock) must let
     # the hypervisor reach beyond the files of its boot config, for hot-plugged devices.
     host_path_roots: tuple[str, ...] = ()
+    # Firecracker's jailer, where configured: each Firecracker then runs in its chroot.
+    jailer: FirecrackerJailer | None = None
 
 
 class Runtime(ABC):
@@ -120,6 +123,11 @@ class Runtime(ABC):
         The controller has already checked the config against `capabilities()`.
         """
         return []
+
+    def files_written(self, vm: VmDir) -> list[Path]:
+        """Files in the VM dir the hypervisor itself opens by path to write (the agent
+        hands them to the VM's uid before it starts)."""
+        return [vm.console_log, vm.hypervisor_log, vm.metrics_file]
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -225,10 +233,16 @@ def hypervisor_log_tail(vm: VmDir, lines: int = 10) -> str:
 
 
 def rotate_log(path: Path) -> None:
-    """Start path afresh, keeping what it held as path.1 (one previous process's log)."""
+    """Start path afresh, keeping what it held as path.1 (one previous process's log).
+    The fresh file has the old one's owner: the VM's uid, which the hypervisor runs as."""
+    owner = None
     if path.exists():
+        st = path.stat()
+        owner = (st.st_uid, st.st_gid)
         os.replace(path, path.with_name(path.name + ".1"))
     path.touch()
+    if owner is not None:
+        os.chown(path, *owner)
 
 
 def log_tail(path: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> str:

@@ -50,6 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from agent import process
+from agent.firecracker_jail import LOG_FILE as JAILED_LOG_FILE
+from agent.firecracker_jail import METRICS_FILE as JAILED_METRICS_FILE
+from agent.firecracker_jail import FirecrackerJailer
 from agent.hypervisors.clients import METRICS_TIMEOUT, ClientCache
 from agent.hypervisors.firecracker_api import (
     BootSource,
@@ -516,9 +519,15 @@ class FirecrackerRuntime(Runtime):
         await self.shutdown(vm, force, timeout)
         await self.boot(vm, desired)
 
+    def _jailer(self) -> FirecrackerJailer | None:
+        # The simulator is no Firecracker binary the jailer could exec.
+        return None if self.simulated else self.settings.jailer
+
     async def destroy(self, vm: VmDir) -> None:
         self._known.pop(vm.path, None)
         await super().destroy(vm)
+        if jailer := self._jailer():
+            jailer.remove(instance_id(vm.vm_id), self.binary)
         self._samples.pop(vm.path, None)
         await self._metrics_clients.discard(vm.api_socket)
 
@@ -626,26 +635,44 @@ class FirecrackerRuntime(Runtime):
         vm.create()
         # Firecracker refuses to start over an existing socket file.
         vm.api_socket.unlink(missing_ok=True)
-        # Firecracker writes its log from the file's start without truncating it: each
-        # process gets a fresh file, the previous one's kept beside it. Older releases
-        # only open existing log and metrics files.
-        rotate_log(vm.hypervisor_log)
-        vm.metrics_file.touch()
+        jailer = self._jailer()
+        confinement = Confinement.load(vm)
+        metrics_file = vm.metrics_file
         # The logger is set on the command line so that not even Firecracker's first lines
         # reach its stdout, which is the guest's serial console. Info level: Firecracker
         # then logs every API request it serves, an audit trail of what the agent asked.
-        ref = process.spawn(
-            [*self.command, "--api-sock", str(vm.api_socket), "--id", instance_id(vm.vm_id),
-             "--log-path", str(vm.hypervisor_log), "--level", "Info"],
-            vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
-            exit_file=vm.exit_status_file,
-            confinement=Confinement.load(vm))
+        logger = ["--log-path", str(vm.hypervisor_log), "--level", "Info"]
+        if jailer is None:
+            # Firecracker writes its log from the file's start without truncating it: each
+            # process gets a fresh file, the previous one's kept beside it. Older releases
+            # only open existing log and metrics files.
+            rotate_log(vm.hypervisor_log)
+            vm.metrics_file.touch()
+            ref = process.spawn(
+                [*self.command, "--api-sock", str(vm.api_socket), "--id",
+                 instance_id(vm.vm_id), *logger],
+                vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
+                exit_file=vm.exit_status_file, confinement=confinement)
+        else:
+            jail_id = instance_id(vm.vm_id)
+            root = jailer.root(jail_id, self.binary)
+            jailer.keep_previous_log(vm)
+            jailer.remove(jail_id, self.binary)  # what a previous process of the VM left
+            config = translate(jailer.place(vm, root, desired.config, confinement))
+            jailer.link_socket(vm, root)
+            metrics_file = Path(JAILED_METRICS_FILE)
+            logger = ["--log-path", JAILED_LOG_FILE, "--level", "Info"]
+            # The jailer drops to the uid itself; the agent only moves it into the cgroup.
+            ref = process.spawn(jailer.argv(jail_id, self.binary, confinement, logger),
+                                vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
+                                exit_file=vm.exit_status_file,
+                                confinement=Confinement(cgroup_procs=confinement.cgroup_procs))
         self._record(vm, ref)
         self._samples.pop(vm.path, None)
         try:
             info = await self._wait_for_api(vm, ref)
             async with self._api(vm) as api:
-                await api.put_metrics(vm.metrics_file)
+                await api.put_metrics(metrics_file)
                 await api.put_machine_config(config.machine)
                 await api.put_boot_source(config.boot)
                 for drive in config.drives:

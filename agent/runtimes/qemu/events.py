@@ -23,6 +23,11 @@ def base_path(vm: VmDir) -> Path:
     return vm.path / "qmp-events"
 
 
+def files(vm: VmDir) -> list[Path]:
+    """The files QEMU opens: it reads .in and writes .out."""
+    return [base_path(vm).with_suffix(".in"), base_path(vm).with_suffix(".out")]
+
+
 def prepare(vm: VmDir) -> None:
     """Fresh files for a new process: the negotiation in, nothing out."""
     base = base_path(vm)

@@ -140,6 +140,10 @@ class QemuRuntime(Runtime):
             features=[features.feature(key, support, detail)
                       for key, support, detail in SUPPORT_MATRIX])
 
+    def files_written(self, vm: VmDir) -> list[Path]:
+        # The chardev of the console, and the pipe chardev of the QMP event monitor.
+        return [*super().files_written(vm), *events.files(vm)]
+
     def preflight(self, vm_id: str, config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
         return preflight_violations(config, self.accel)
 
