@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,11 @@ class Hierarchy:
                 cpu / "cpu.cfs_quota_us": str(quota),
                 memory / "memory.limit_in_bytes": str(limits.memory_bytes),
                 pids / "pids.max": str(limits.pids)}
+
+
+def agent_group(state_dir: Path) -> str:
+    """The name of an agent's own group: from its state dir, unique per agent on a host."""
+    return "agent-" + hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
 
 
 class VmCgroups:

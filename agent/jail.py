@@ -23,7 +23,7 @@ import os
 import shutil
 import stat
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from agent import cgroups
@@ -68,10 +68,6 @@ class Confinement:
         """Move a just-started hypervisor into its cgroup, before it is configured (so
         before it maps guest memory or starts vCPU threads)."""
         cgroups.move(pid, [Path(p) for p in self.cgroup_procs])
-
-    @property
-    def confined(self) -> bool:
-        return self.uid is not None or bool(self.cgroup_procs)
 
     @classmethod
     def load(cls, vm: VmDir) -> Confinement:
@@ -182,16 +178,21 @@ class HypervisorJail:
                     continue  # into a Firecracker jail, made for the uid there
                 path.touch()
                 os.chown(path, uid, gid)
-            for host_file in _host_files_written(config):
-                if host_file not in owners:
-                    st = os.stat(host_file)
-                    owners[host_file] = [st.st_uid, st.st_gid]
-                os.chown(host_file, uid, gid)
+            _hand_over(_host_files_written(config), uid, gid, owners)
         confinement = Confinement(uid=uid, gid=gid,
                                   groups=self._kvm_groups if uid is not None else (),
                                   cgroup_procs=procs, owners_before=owners)
         confinement.save(vm)
         return confinement
+
+    def hand_over(self, vm: VmDir, disk: vm_pb2.StorageDevice) -> None:
+        """A disk plugged into a running VM: writable, it is handed to the VM's uid too."""
+        confinement = Confinement.load(vm)
+        if confinement.uid is None or disk.read_only or not os.path.exists(disk.path):
+            return
+        owners = dict(confinement.owners_before)
+        _hand_over([disk.path], confinement.uid, confinement.gid or 0, owners)
+        replace(confinement, owners_before=owners).save(vm)
 
     def _uid_for(self, vm_id: str, recorded: int | None) -> int | None:
         uids = self.settings.uids
@@ -242,6 +243,15 @@ class HypervisorJail:
 
 def cgroup_name(vm_id: str) -> str:
     return vm_id
+
+
+def _hand_over(paths: Iterable[str], uid: int, gid: int, owners: dict[str, list[int]]) -> None:
+    """chown paths to uid:gid, recording each one's owner before (the first time)."""
+    for path in paths:
+        if path not in owners:
+            st = os.stat(path)
+            owners[path] = [st.st_uid, st.st_gid]
+        os.chown(path, uid, gid)
 
 
 def _host_files_written(config: vm_pb2.VmConfig) -> list[str]:

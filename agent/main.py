@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import resource
 import signal
 from pathlib import Path
 
 from agent import config as config_module
-from agent.cgroups import Hierarchy, VmCgroups
+from agent.cgroups import Hierarchy, VmCgroups, agent_group
 from agent.config import AgentConfig
 from agent.firecracker_jail import FirecrackerJailer
 from agent.host_paths import HostPathPolicy
@@ -59,9 +58,8 @@ def jail_settings(config: AgentConfig) -> JailSettings:
             raise SystemExit("no cgroup hierarchy with the cpu, memory and pids controllers: "
                              "mount one, or set cgroup_parent empty to run without")
         # One group per agent (named by its state dir), so that each removes only its own.
-        agent = "agent-" + hashlib.sha256(str(config.state_path.resolve()).encode()
-                                          ).hexdigest()[:12]
-        vm_cgroups = VmCgroups(hierarchy, config.cgroup_parent, agent)
+        vm_cgroups = VmCgroups(hierarchy, config.cgroup_parent,
+                               agent_group(config.state_path))
     return JailSettings(uids=parse_uid_range(config.hypervisor_uids),
                         gid=config.hypervisor_gid, cgroups=vm_cgroups,
                         memory_overhead_bytes=config.hypervisor_memory_overhead_bytes,

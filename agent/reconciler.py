@@ -548,6 +548,8 @@ class Reconciler:
         request = self._hotplug_with_allowed_paths(request)
         async with self.lock(request.vm_id):
             vm = self.state.vm(request.vm_id)
+            if request.HasField("attach_disk"):
+                self.jail.hand_over(vm, request.attach_disk)
             vm.save_phase("hotplugging", desired.generation)
             try:
                 config = await self._hotplug_with_network(runtime, vm, desired, request)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from agent.cgroups import Hierarchy, VmCgroups, agent_group
 from tools.fleet.etcd_server import EtcdCluster, EtcdServer, free_loopback_port
 from tools.guests.images import default_cache_dir
 from vmm.v1 import host_pb2, host_pb2_grpc, vm_pb2_grpc
@@ -269,3 +270,18 @@ def kill_leftover_hypervisors(workdir: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
         except (OSError, ValueError):
             pass
+    remove_leftover_cgroups(workdir)
+
+
+def remove_leftover_cgroups(workdir: Path) -> None:
+    """Nor the cgroups of its agents (under the default cgroup_parent)."""
+    hierarchy = Hierarchy.detect()
+    if hierarchy is None:
+        return
+    for state in workdir.glob("agent-*/"):
+        groups = VmCgroups(hierarchy, "vmm", agent_group(state))
+        deadline = time.monotonic() + 5  # killed processes leave their groups a moment later
+        while groups.names() and time.monotonic() < deadline:
+            groups.remove_all_but(set())
+            time.sleep(0.05)
+        groups.remove_own_group_if_empty()
