@@ -94,6 +94,16 @@ def define_local_network(address: str, subnet: ipaddress.IPv4Network) -> None:
                 raise
 
 
+def unjailed_if_simulators_unreachable() -> list[str]:
+    """The simulators run on this Python: where other users cannot reach it (a Python
+    installed under root's home), hypervisors run as the agent's user instead."""
+    path = Path(sys.executable).resolve()
+    if all(p.stat().st_mode & 0o001 for p in path.parents) and path.stat().st_mode & 0o001:
+        return []
+    print(f"note: {path} is not reachable by other users, so hypervisors run as root here")
+    return ["--hypervisor-uids", ""]
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -161,7 +171,8 @@ def main() -> None:
                        # The examples' files: /var/lib/vmm, whose guests link points into
                        # the built images (the path policy follows links to their target).
                        "--host-path-roots",
-                       f"{EXAMPLE_ROOT},{guest_images.default_cache_dir().resolve()}"],
+                       f"{EXAMPLE_ROOT},{guest_images.default_cache_dir().resolve()}",
+                       *unjailed_if_simulators_unreachable()],
                       "agent.log")
         procs.append(("agent", agent))
         print(f"control plane running: gRPC {args.listen}, "
