@@ -233,11 +233,11 @@ JAILER = os.environ.get("VMM_JAILER_BINARY") or shutil.which("jailer")
 FIRECRACKER = os.environ.get("VMM_FIRECRACKER_BINARY") or shutil.which("firecracker")
 
 
-@pytest.mark.skipif(JAILER is None, reason="no Firecracker jailer: set VMM_JAILER_BINARY "
-                    "or put jailer on PATH")
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="Firecracker needs /dev/kvm")
 @pytest.mark.skipif(FIRECRACKER is None, reason="the jailer needs a real Firecracker: set "
                     "VMM_FIRECRACKER_BINARY or put firecracker on PATH")
-@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="Firecracker needs /dev/kvm")
+@pytest.mark.skipif(JAILER is None, reason="no Firecracker jailer: set VMM_JAILER_BINARY "
+                    "or put jailer on PATH")
 def test_firecracker_under_the_jailer_boots_pauses_is_adopted_and_leaves_nothing(
         jailed_cluster: Cluster) -> None:
     chroot_base = jailed_cluster.workdir / "jailer"
