@@ -337,9 +337,12 @@ def test_guest_panic_signalled_on_the_pvpanic_device_is_reported_failed(
     qemu_cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="pvpanic", config=config,
                                                      backend="qemu"))
     pid = qemu_pid(qemu_cluster, "pvpanic")
-    # The guest panics right after its marker: the boot may already see it.
-    booted = qemu_cluster.vms.BootVm(vm_pb2.BootVmRequest(vm_id="pvpanic"))
-    assert booted.state in (S.VM_STATE_RUNNING, S.VM_STATE_FAILED)
+    # The guest panics right after its marker: the boot may already see it, and answer so.
+    try:
+        booted = qemu_cluster.vms.BootVm(vm_pb2.BootVmRequest(vm_id="pvpanic"))
+        assert booted.state in (S.VM_STATE_RUNNING, S.VM_STATE_FAILED)
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.ABORTED and "panic" in str(err.details()), err
 
     failed = wait_until(lambda: (i := info(qemu_cluster, "pvpanic")).state == S.VM_STATE_FAILED
                         and i, timeout=OPERATION_TIMEOUT, what="the panicked VM to be FAILED")
