@@ -6,7 +6,7 @@ controller restart spreads out) and registers again with everything it runs, so 
 restarted controller (or agent) converges without losing anything.
 
 `controller` names the replicas: a comma-separated list of addresses, tried in turn from
-a random one (each failure moves to the next), or one gRPC target such as
+the first (each failure moves to the next), or one gRPC target such as
 `dns:///controllers.internal:50051`, whose resolver returns every replica.
 
 Heartbeats go out on a fixed schedule: the configured interval until the controller sends
@@ -74,8 +74,8 @@ class ControllerSession:
         self.heartbeats_sent = 0
         self._was_connected = False
         self.targets = controller_targets(config.controller)
-        # Start at a random replica, so that a fleet's agents spread over them.
-        self._target = random.randrange(len(self.targets))
+        # The first replica is the preferred one; the others are where it fails over to.
+        self._target = 0
 
     @property
     def controller(self) -> str:
