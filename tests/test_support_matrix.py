@@ -48,6 +48,8 @@ IGNORED, NONE = host_pb2.SUPPORT_IGNORED, host_pb2.SUPPORT_NONE
 Support: TypeAlias = host_pb2.Support.ValueType
 MIB = 1 << 20
 HOST = "h1"
+# The stand-in for an SR-IOV virtual function the network.sriov row passes through.
+PCI_FUNCTION = "0000:3b:02.1"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -115,12 +117,17 @@ def spec_support(key: str, backend: str) -> Support:
 @pytest.fixture(scope="module")
 def matrix_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path_factory.mktemp("matrix"))
+    # The devices the rows hand to VMs: loop devices stand for raw disks, a directory for a
+    # PCI function (the simulators open neither); the agent's allowlist names both.
+    (cluster.workdir / "pci" / PCI_FUNCTION).mkdir(parents=True)
+    allowlist = f"/dev/loop*,{cluster.workdir / 'pci'}/*"
     try:
         cluster.start()
         # Room for the largest VMs the rows create (448 vCPUs, 1 TiB), one at a time.
         # The Cloud Hypervisor simulator acts as a build with guest_debug (--gdb).
         cluster.add_agent(HOST, vcpus=1024, memory=4096 * GIB, backends=f"{FC},{CH}",
-                          env={GUEST_DEBUG_ENV: "1"})
+                          env={GUEST_DEBUG_ENV: "1"},
+                          extra=["--host-device-allowlist", allowlist])
         yield cluster
     finally:
         cluster.close()
@@ -787,7 +794,7 @@ def network_hotplug(p: Plane, backend: str, support: Support) -> None:
 @row("network.sriov")
 def network_sriov(p: Plane, backend: str, support: Support) -> None:
     config = p.base()
-    function = "/sys/bus/pci/devices/0000:3b:02.1"
+    function = str(p.cluster.workdir / "pci" / PCI_FUNCTION)
     config.network.add(id="vf0", interface_type="sriov", options={"vfio_path": function})
     if support == NONE:
         p.refuse_create("sriov", config, backend, "config.network[0].interface_type", "SR-IOV")
