@@ -52,15 +52,27 @@ WAITER = str(Path(__file__).with_name("waiter.py"))
 WAITER_START_TIMEOUT = 10.0
 
 
-def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
-          env: dict[str, str] | None = None, hypervisor_log: Path | None = None,
-          exit_file: Path | None = None,
-          confinement: Confinement | None = None) -> ProcessRef:
+async def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
+                env: dict[str, str] | None = None, hypervisor_log: Path | None = None,
+                exit_file: Path | None = None,
+                confinement: Confinement | None = None) -> ProcessRef:
     """Start argv detached from the agent, stdout appended to console_log (where a
     hypervisor writes its guest's serial port) and stderr to hypervisor_log (its own
     messages; console_log too when None). With exit_file, argv runs under a waiter
     (agent.waiter) that writes its exit status there, whoever adopts it meanwhile.
     A confinement runs argv as its uid and puts it (and its waiter) in its cgroup."""
+    proc = _launch(argv, console_log, cwd, env, hypervisor_log, exit_file, confinement)
+    if exit_file is None:
+        return ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
+    child = await _waiters_child(proc)
+    _enter_cgroup(proc, child.pid, confinement)  # had the waiter forked before it moved
+    return ProcessRef(child.pid, child.create_time(), str(exit_file))
+
+
+def _launch(argv: Sequence[str], console_log: Path, cwd: Path | None,
+            env: dict[str, str] | None, hypervisor_log: Path | None, exit_file: Path | None,
+            confinement: Confinement | None) -> subprocess.Popen[bytes]:
+    """The process spawn() starts: argv itself, or its waiter."""
     console_log.parent.mkdir(parents=True, exist_ok=True)
     command = list(argv)
     if confinement is not None:
@@ -83,11 +95,7 @@ def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
     _enter_cgroup(proc, proc.pid, confinement)  # so that what it starts starts there
     _reap_in_background(proc)
     failpoints.hit("agent.process.spawned", console_log.parent.name)
-    if exit_file is None:
-        return ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
-    child = _waiters_child(proc)
-    _enter_cgroup(proc, child.pid, confinement)  # had the waiter forked before it moved
-    return ProcessRef(child.pid, child.create_time(), str(exit_file))
+    return proc
 
 
 def _enter_cgroup(proc: subprocess.Popen[bytes], pid: int,
@@ -101,8 +109,9 @@ def _enter_cgroup(proc: subprocess.Popen[bytes], pid: int,
         raise
 
 
-def _waiters_child(waiter: subprocess.Popen[bytes]) -> psutil.Process:
-    """The hypervisor a waiter has started: its only child."""
+async def _waiters_child(waiter: subprocess.Popen[bytes]) -> psutil.Process:
+    """The hypervisor a waiter has started: its only child. Polled without blocking the
+    event loop: the waiter's interpreter takes some milliseconds to start."""
     deadline = time.monotonic() + WAITER_START_TIMEOUT
     while time.monotonic() < deadline:
         try:
@@ -114,7 +123,7 @@ def _waiters_child(waiter: subprocess.Popen[bytes]) -> psutil.Process:
         if waiter.poll() is not None:
             raise RuntimeError(f"the waiter of {WAITER} exited with status {waiter.returncode} "
                                "before starting its process")
-        time.sleep(0.001)
+        await asyncio.sleep(0.001)
     raise TimeoutError(f"the waiter did not start its process within {WAITER_START_TIMEOUT}s")
 
 

@@ -600,9 +600,10 @@ class CloudHypervisorRuntime(Runtime):
         if gdb_socket:
             argv += ["--gdb", f"path={gdb_socket}"]
         # Its stdout is the guest's serial port (mode Tty); its log and stderr go apart.
-        ref = process.spawn(argv, vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
-                            exit_file=vm.exit_status_file,
-                            confinement=Confinement.load(vm))
+        ref = await process.spawn(argv, vm.console_log, cwd=vm.path,
+                                  hypervisor_log=vm.hypervisor_log,
+                                  exit_file=vm.exit_status_file,
+                                  confinement=Confinement.load(vm))
         max_memory = max(config.memory.max_size_bytes, config.memory.size_bytes)
         self.save_process(vm, ref, phase=PHASE_CREATED, booted_at=0,
                           max_memory_bytes=max_memory,

@@ -648,7 +648,7 @@ class FirecrackerRuntime(Runtime):
             # only open existing log and metrics files.
             rotate_log(vm.hypervisor_log)
             vm.metrics_file.touch()
-            ref = process.spawn(
+            ref = await process.spawn(
                 [*self.command, "--api-sock", str(vm.api_socket), "--id",
                  instance_id(vm.vm_id), *logger],
                 vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
@@ -663,10 +663,11 @@ class FirecrackerRuntime(Runtime):
             metrics_file = Path(JAILED_METRICS_FILE)
             logger = ["--log-path", JAILED_LOG_FILE, "--level", "Info"]
             # The jailer drops to the uid itself; the agent only moves it into the cgroup.
-            ref = process.spawn(jailer.argv(jail_id, self.binary, confinement, logger),
-                                vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
-                                exit_file=vm.exit_status_file,
-                                confinement=Confinement(cgroup_procs=confinement.cgroup_procs))
+            ref = await process.spawn(
+                jailer.argv(jail_id, self.binary, confinement, logger),
+                vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
+                exit_file=vm.exit_status_file,
+                confinement=Confinement(cgroup_procs=confinement.cgroup_procs))
         self._record(vm, ref)
         self._samples.pop(vm.path, None)
         try:

@@ -302,10 +302,10 @@ class QemuRuntime(Runtime):
         launch = build_launch(self.binary, vm, config, accel)
         events.prepare(vm)
         self._events.forget(vm)
-        ref = process.spawn(launch.argv, vm.console_log, cwd=vm.path,
-                            hypervisor_log=vm.hypervisor_log,
-                            exit_file=vm.exit_status_file,
-                            confinement=Confinement.load(vm))
+        ref = await process.spawn(launch.argv, vm.console_log, cwd=vm.path,
+                                  hypervisor_log=vm.hypervisor_log,
+                                  exit_file=vm.exit_status_file,
+                                  confinement=Confinement.load(vm))
         self.save_process(vm, ref, api_socket=str(vm.api_socket),
                           **{record.ACCEL: accel.accel.value, record.ACCEL_REASON: accel.reason,
                              record.MACHINE: launch.machine.value, record.PORTS: launch.ports,
