@@ -114,17 +114,32 @@ async def _waiters_child(waiter: subprocess.Popen[bytes]) -> psutil.Process:
     event loop: the waiter's interpreter takes some milliseconds to start."""
     deadline = time.monotonic() + WAITER_START_TIMEOUT
     while time.monotonic() < deadline:
-        try:
-            children = psutil.Process(waiter.pid).children()
-        except psutil.Error:
-            children = []
+        children = _children_of(waiter.pid)
         if children:
-            return children[0]
+            try:
+                return psutil.Process(children[0])
+            except psutil.Error:
+                pass
         if waiter.poll() is not None:
             raise RuntimeError(f"the waiter of {WAITER} exited with status {waiter.returncode} "
                                "before starting its process")
         await asyncio.sleep(0.001)
     raise TimeoutError(f"the waiter did not start its process within {WAITER_START_TIMEOUT}s")
+
+
+def _children_of(pid: int) -> list[int]:
+    """The pids of a process's children: one small read where the kernel lists them
+    (/proc/PID/task/PID/children), else a scan of every process on the host."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return []
+    try:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
 
 
 # Children this agent spawned, and the exit statuses of those it has reaped, by pid.
