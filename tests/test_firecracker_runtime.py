@@ -30,15 +30,15 @@ from agent.hypervisors.errors import HypervisorApiError
 from agent.hypervisors.firecracker_api import FirecrackerApi
 from agent.hypervisors.unix_http import UnixHttpClient
 from agent.runtimes.base import RuntimeFailure, RuntimeSettings, UnsupportedOperation
-from agent.runtimes.firecracker import (
+from agent.runtimes.firecracker import FirecrackerRuntime
+from agent.runtimes.firecracker_config import (
     CMDLINE_CAPACITY,
-    FirecrackerRuntime,
-    MetricsTotals,
     drive_ids,
     firecracker_cmdline_additions,
     instance_id,
     translate,
 )
+from agent.runtimes.firecracker_metrics import MetricsTotals
 from agent.runtimes.readiness import READY_MARKER_OPTION
 from agent.vm_dir import StateDir, VmDir
 from tools.guests.images import GuestBuildError, TinyGuest, tiny_guest

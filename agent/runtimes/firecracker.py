@@ -35,19 +35,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import logging
-import os
-import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from agent import process
 from agent.firecracker_jail import LOG_FILE as JAILED_LOG_FILE
@@ -55,15 +51,9 @@ from agent.firecracker_jail import METRICS_FILE as JAILED_METRICS_FILE
 from agent.firecracker_jail import FirecrackerJailer
 from agent.hypervisors.clients import METRICS_TIMEOUT, ClientCache
 from agent.hypervisors.firecracker_api import (
-    BootSource,
-    Drive,
     FirecrackerApi,
     InstanceInfo,
     InstanceState,
-    MachineConfig,
-    NetworkInterface,
-    RateLimiter,
-    TokenBucket,
 )
 from agent.jail import Confinement
 from agent.process import ProcessRef
@@ -75,9 +65,15 @@ from agent.runtimes.base import (
     UnsupportedOperation,
     find_binary,
     hypervisor_log_tail,
-    positive_int,
     rotate_log,
 )
+from agent.runtimes.firecracker_config import (
+    MIB,
+    config_violations,
+    instance_id,
+    translate,
+)
+from agent.runtimes.firecracker_metrics import MetricsTotals, VmSamples
 from agent.runtimes.readiness import console_offset, ready_marker, wait_for_console_marker
 from agent.vm_dir import VmDir
 from vmm import features
@@ -86,10 +82,7 @@ from vmm.v1 import host_pb2, vm_pb2
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
 GIB = 1024 * MIB
-# Bytes of Firecracker's guest kernel command line, its terminating NUL included.
-CMDLINE_CAPACITY = 2048
 
 # ---- the Firecracker column of the backend support matrix ------------------------------
 
@@ -139,9 +132,6 @@ LIMITS = host_pb2.BackendLimits(
     max_nics=4,  # the matrix: "single/few"
 )
 
-# VmConfig options that map onto Firecracker's API, per device kind.
-DISK_OPTIONS = ("cache_type", "io_engine", "rate_limit_bandwidth", "rate_limit_ops")
-NIC_OPTIONS = ("rate_limit_bandwidth", "rate_limit_ops")
 
 _VM_STATES: dict[str, vm_pb2.VmState.ValueType] = {
     InstanceState.NOT_STARTED.value: vm_pb2.VM_STATE_CREATED,
@@ -163,233 +153,6 @@ class _Known:
 
 
 
-# ---- VmConfig -> Firecracker API bodies ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FirecrackerConfig:
-    """A VmConfig as the sequence of pre-boot API bodies that configure it."""
-
-    machine: MachineConfig
-    boot: BootSource
-    drives: tuple[Drive, ...]
-    nics: tuple[NetworkInterface, ...]
-    # What the guest reads from MMDS (each NIC's address), served on the NICs that have one.
-    mmds: dict[str, Any] | None = None
-    mmds_interfaces: tuple[str, ...] = ()
-
-
-def drive_ids(storage: Sequence[vm_pb2.StorageDevice]) -> list[str]:
-    """Stable Firecracker drive ids: the device id, else "rootfs" / "disk<index>"."""
-    return [d.id or ("rootfs" if d.is_root_device else f"disk{i}") for i, d in enumerate(storage)]
-
-
-def nic_ids(network: Sequence[vm_pb2.NetworkInterface]) -> list[str]:
-    return [n.id or f"eth{i}" for i, n in enumerate(network)]
-
-
-def firecracker_cmdline_additions(config: vm_pb2.VmConfig) -> int:
-    """Bytes Firecracker adds to the boot args at InstanceStart: " pci=off", the root
-    drive's " root=/dev/vda rw" and a virtio_mmio.device entry (its IRQs from 5) per device."""
-    added = len(" pci=off")
-    if any(disk.is_root_device for disk in config.storage):
-        added += len(" root=/dev/vda rw")
-    devices = len(config.storage) + len(config.network)
-    return added + sum(len(f" virtio_mmio.device=4K@0xc0001000:{5 + i}") for i in range(devices))
-
-
-def config_violations(config: vm_pb2.VmConfig) -> list[agent_pb2.FieldViolation]:
-    """What in a config Firecracker cannot express, by field path."""
-    out: list[agent_pb2.FieldViolation] = []
-
-    def violation(field_path: str, description: str) -> None:
-        out.append(agent_pb2.FieldViolation(field=field_path, description=description))
-
-    args_bytes = len(config.boot.kernel_args.encode())
-    added = firecracker_cmdline_additions(config)
-    if args_bytes + added >= CMDLINE_CAPACITY:
-        violation("config.boot.kernel_args",
-                  f"{args_bytes} bytes is too long: firecracker's kernel command line holds "
-                  f"{CMDLINE_CAPACITY - 1} bytes, and for this VM's devices it adds {added} "
-                  "of its own (pci=off, root=, one virtio_mmio.device= per device), which "
-                  f"leaves {CMDLINE_CAPACITY - 1 - added}")
-    size = config.memory.size_bytes
-    if size % MIB:
-        violation("config.memory.size_bytes",
-                  f"firecracker sizes memory in whole MiB: {size} bytes is not a multiple "
-                  f"of {MIB}")
-    for kind, options, ids, supported in (
-        ("storage", [d.options for d in config.storage], drive_ids(config.storage),
-         DISK_OPTIONS),
-        ("network", [n.options for n in config.network], nic_ids(config.network), NIC_OPTIONS),
-    ):
-        seen: set[str] = set()
-        for i, (device_options, device_id) in enumerate(zip(options, ids, strict=True)):
-            if device_id in seen:
-                violation(f"config.{kind}[{i}].id",
-                          f"device id {device_id!r} is used twice; firecracker needs unique ids")
-            seen.add(device_id)
-            for key, value in sorted(device_options.items()):
-                path = f"config.{kind}[{i}].options[{key}]"
-                if key not in supported:
-                    violation(path, f"firecracker does not support the {kind} option {key!r} "
-                                    f"(it supports: {', '.join(supported)})")
-                elif key.startswith("rate_limit_") and positive_int(value) is None:
-                    violation(path, f"expected a positive whole number per second, got {value!r}")
-    return out
-
-
-def reboot_on_panic(config: vm_pb2.VmConfig) -> str:
-    """The kernel args with `panic=1` unless they choose: a panicked guest then reboots
-    after a second, which ends the Firecracker process, so the agent notices the death
-    (the console's panic line tells it from an orderly reboot) rather than only from the
-    panic line of a guest hung for good. Left out where the command line has no room."""
-    args = config.boot.kernel_args
-    longer = f"{args} panic=1"
-    if not args.strip() or re.search(r"(^|\s)panic=", args) or \
-            len(longer.encode()) + firecracker_cmdline_additions(config) >= CMDLINE_CAPACITY:
-        return args
-    return longer
-
-
-def translate(config: vm_pb2.VmConfig) -> FirecrackerConfig:
-    """The API bodies for config; RuntimeFailure (INVALID_ARGUMENT) if it cannot be expressed."""
-    violations = config_violations(config)
-    if violations:
-        raise RuntimeFailure("; ".join(f"{v.field}: {v.description}" for v in violations),
-                             "INVALID_ARGUMENT")
-    boot = config.boot
-    return FirecrackerConfig(
-        machine=MachineConfig(
-            vcpu_count=config.cpu.vcpu_count,
-            mem_size_mib=config.memory.size_bytes // MIB,
-            gdb_socket_path=boot.boot_options.get(features.GDB_KEY) or None,
-        ),
-        boot=BootSource(kernel_image_path=boot.kernel_path,
-                        # Empty args leave Firecracker's own defaults (panic=1 included).
-                        boot_args=reboot_on_panic(config) or None,
-                        initrd_path=boot.initrd_path or None),
-        drives=tuple(
-            Drive(drive_id=drive_id, path_on_host=disk.path,
-                  is_root_device=disk.is_root_device, is_read_only=disk.read_only,
-                  cache_type=_variant(disk.options.get("cache_type")),
-                  io_engine=_variant(disk.options.get("io_engine")),
-                  rate_limiter=_rate_limiter(disk.options))
-            for disk, drive_id in zip(config.storage, drive_ids(config.storage), strict=True)
-        ),
-        nics=tuple(
-            NetworkInterface(iface_id=iface_id, host_dev_name=nic.tap_device,
-                             guest_mac=nic.mac_address or None,
-                             # A NIC's limits apply to each direction.
-                             rx_rate_limiter=_rate_limiter(nic.options),
-                             tx_rate_limiter=_rate_limiter(nic.options))
-            for nic, iface_id in zip(config.network, nic_ids(config.network), strict=True)
-        ),
-        **_mmds(config),
-    )
-
-
-def _mmds(config: vm_pb2.VmConfig) -> dict[str, Any]:
-    """The MMDS document telling the guest its NICs' addresses (none without any)."""
-    nics = [(iface_id, nic) for nic, iface_id in zip(config.network, nic_ids(config.network),
-                                                     strict=True) if nic.ip_address]
-    if not nics:
-        return {}
-    return {"mmds_interfaces": tuple(i for i, _ in nics), "mmds": {"vmm": {"network_interfaces": [
-        {"id": iface_id, "mac_address": nic.mac_address, "ip_address": nic.ip_address,
-         "gateway": nic.gateway, "mtu": nic.mtu, "network": nic.network}
-        for iface_id, nic in nics]}}}
-
-
-def _variant(value: str | None) -> str | None:
-    # Firecracker's enum variants are capitalised ("Writeback", "Async").
-    return value.strip().capitalize() if value else None
-
-
-def _rate_limiter(options: Mapping[str, str]) -> RateLimiter | None:
-    bandwidth = positive_int(options.get("rate_limit_bandwidth", ""))
-    ops = positive_int(options.get("rate_limit_ops", ""))
-    if bandwidth is None and ops is None:
-        return None
-    return RateLimiter(bandwidth=TokenBucket(bandwidth) if bandwidth else None,
-                       ops=TokenBucket(ops) if ops else None)
-
-
-def instance_id(vm_id: str) -> str:
-    """Firecracker's --id accepts 1-64 characters of [A-Za-z0-9-]."""
-    return re.sub(r"[^A-Za-z0-9-]", "-", vm_id)[:64] or "vm"
-
-
-# ---- metrics --------------------------------------------------------------------------
-
-# Firecracker metrics counter -> VmMetrics field, for the device-kind aggregates.
-_BLOCK_COUNTERS = {"read_bytes": "bytes_read", "write_bytes": "bytes_written",
-                   "read_count": "read_operations", "write_count": "write_operations"}
-_NET_COUNTERS = {"rx_bytes_count": "bytes_received", "tx_bytes_count": "bytes_transmitted",
-                 "rx_packets_count": "packets_received", "tx_packets_count": "packets_transmitted"}
-
-
-@dataclass
-class MetricsTotals:
-    """Running totals of one Firecracker metrics file.
-
-    Firecracker appends one JSON object per flush, and its counters hold the change
-    since the previous flush, so a total is the sum over every line. Each update
-    reads only what was appended since the last one.
-    """
-
-    path: Path
-    offset: int = 0
-    block: dict[str, int] = field(default_factory=dict)
-    net: dict[str, int] = field(default_factory=dict)
-
-    def update(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < self.offset:  # rewritten by a new process
-                    self.offset, self.block, self.net = 0, {}, {}
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return
-        # A line still being written is picked up by the next update.
-        complete = data[: data.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        for line in complete.splitlines():
-            try:
-                sample = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(sample, dict):
-                _add_counters(self.block, sample.get("block"), _BLOCK_COUNTERS)
-                _add_counters(self.net, sample.get("net"), _NET_COUNTERS)
-
-    def storage_stats(self) -> vm_pb2.StorageStats:
-        return vm_pb2.StorageStats(**self.block)
-
-    def network_stats(self) -> vm_pb2.NetworkStats:
-        return vm_pb2.NetworkStats(**self.net)
-
-
-def _add_counters(totals: dict[str, int], group: object, names: dict[str, str]) -> None:
-    if not isinstance(group, dict):
-        return
-    for counter, field_name in names.items():
-        value = group.get(counter)
-        if isinstance(value, int):
-            totals[field_name] = totals.get(field_name, 0) + value
-
-
-@dataclass
-class _VmSamples:
-    """Per-VM state for rates: the previous CPU reading and the metrics totals."""
-
-    pid: int
-    metrics: MetricsTotals
-    cpu_at: float  # wall clock of the previous CPU reading
-    cpu_seconds: float
-
-
 # ---- the runtime ----------------------------------------------------------------------
 
 
@@ -402,7 +165,7 @@ class FirecrackerRuntime(Runtime):
         # argv prefix that starts one Firecracker (or simulator) process.
         self.command: tuple[str, ...] = tuple(command) if command else (binary,)
         self._version: str | None = None
-        self._samples: dict[Path, _VmSamples] = {}
+        self._samples: dict[Path, VmSamples] = {}
         # VM dir -> the instance state of its process, as this runtime last saw or set it.
         self._known: dict[Path, _Known] = {}
         # One keep-alive API client per VM for FlushMetrics.
@@ -581,7 +344,7 @@ class FirecrackerRuntime(Runtime):
         samples = self._samples.get(vm.path)
         if samples is None or samples.pid != ref.pid:
             # No earlier reading of this process: average since it started.
-            samples = _VmSamples(ref.pid, MetricsTotals(vm.metrics_file), ref.started_at, 0.0)
+            samples = VmSamples(ref.pid, MetricsTotals(vm.metrics_file), ref.started_at, 0.0)
             self._samples[vm.path] = samples
         samples.metrics.update()
         now, cpu = time.time(), process.cpu_seconds(ref)

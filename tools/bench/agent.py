@@ -29,7 +29,7 @@ import httpx
 import psutil
 
 from agent.hypervisors.firecracker_api import BootSource, FirecrackerApi, MachineConfig
-from agent.runtimes.firecracker import instance_id
+from agent.runtimes.firecracker_config import instance_id
 from agent.vm_dir import StateDir, VmDir
 from tools.bench.firecracker import lambda_config
 from tools.bench.measure import percentile
