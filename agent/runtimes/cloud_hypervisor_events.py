@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agent.appended import read_appended
 from agent.vm_dir import VmDir
 
 _SEPARATOR = b"\n\n"
@@ -29,20 +30,12 @@ class EventMonitor:
         offset, panicked = self._read.get(path, (0, False))
         if panicked:
             return True
-        try:
-            size = path.stat().st_size
-            if size < offset:  # a new process started the file afresh
-                offset = 0
-            if size == offset:
-                return False
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(size - offset)
-        except OSError:
+        appended = read_appended(path, offset, _SEPARATOR)
+        if appended is None:
             return False
-        complete = data[:data.rfind(_SEPARATOR) + len(_SEPARATOR)] if _SEPARATOR in data else b""
+        complete, offset = appended
         panicked = any(_is_guest_panic(block) for block in complete.split(_SEPARATOR))
-        self._read[path] = (offset + len(complete), panicked)
+        self._read[path] = (offset, panicked)
         return panicked
 
     def booting(self, vm: VmDir) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agent.appended import read_appended
 from agent.vm_dir import VmDir
 
 _NEGOTIATION = json.dumps({"execute": "qmp_capabilities"}) + "\n"
@@ -47,21 +48,13 @@ class EventLog:
         offset, panicked = self._read.get(out, (0, False))
         if panicked:
             return True
-        try:
-            size = out.stat().st_size
-            if size < offset:  # a new process started afresh
-                offset = 0
-            if size == offset:
-                return False
-            with open(out, "rb") as f:
-                f.seek(offset)
-                data = f.read(size - offset)
-        except OSError:
-            return False
         # Only whole lines: the rest is read again next time.
-        complete = data[:data.rfind(b"\n") + 1]
+        appended = read_appended(out, offset, b"\n")
+        if appended is None:
+            return False
+        complete, offset = appended
         panicked = any(_event_name(line) == GUEST_PANICKED for line in complete.splitlines())
-        self._read[out] = (offset + len(complete), panicked)
+        self._read[out] = (offset, panicked)
         return panicked
 
     def forget(self, vm: VmDir) -> None:
