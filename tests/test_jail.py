@@ -42,10 +42,23 @@ def jail_dir() -> Iterator[Path]:
         yield Path(tmp)
 
 
+def untraversable_parent(path: Path) -> Path | None:
+    """The first directory on the way to path that other users cannot enter, if any."""
+    for directory in [*reversed(path.parents), path]:
+        if not os.stat(directory).st_mode & 0o001:
+            return directory
+    return None
+
+
 @pytest.fixture
 def jailed_cluster(jail_dir: Path) -> Iterator[Cluster]:
     if Hierarchy.detect() is None:
         pytest.skip("needs cgroups with the cpu, memory and pids controllers")
+    if blocked := untraversable_parent(ROOT):
+        # The unprivileged hypervisors read the simulators and guest images from the checkout.
+        pytest.skip(f"needs a checkout other uids can reach: {blocked} is not traversable "
+                    "by them (mode 0700, as mktemp -d makes); clone it under a world-readable "
+                    "directory")
     cluster = Cluster(jail_dir)
     try:
         cluster.start()
