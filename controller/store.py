@@ -18,7 +18,7 @@ Every write that can race compares a revision: nothing is last-writer-wins by ac
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from controller.access import DEFAULT_NAMESPACE
@@ -160,13 +160,15 @@ class Store:
 
     async def mutate_vm(self, vm_id: str,
                         change: Callable[[records_pb2.VmRecord], bool | None],
-                        known: StoredVm | None = None) -> StoredVm | None:
+                        known: StoredVm | None = None,
+                        also: Sequence[Op] = ()) -> StoredVm | None:
         """Read-modify-write a VM record with CAS on its mod_revision.
 
         `change` edits the record in place; returning False means "no write needed".
         `known` (a cached copy) saves the first read: if it is stale, the compare fails and
-        the failed transaction brings the current record back. Returns the stored result, or
-        None when the VM does not exist.
+        the failed transaction brings the current record back. `also` are writes that commit
+        with the change, and only with it. Returns the stored result, or None when the VM
+        does not exist.
         """
         key = self.vm_key(vm_id)
         current = known if known is not None else await self.get_vm(vm_id)
@@ -180,7 +182,7 @@ class Store:
             record.modified_timestamp = now()
             result = await self.etcd.txn(
                 compares=[Compare.mod_revision(key) == current.revision],
-                success=[Op.put(key, record.SerializeToString())],
+                success=[Op.put(key, record.SerializeToString()), *also],
                 failure=[Op.get(key)],
             )
             if result.succeeded:

@@ -190,7 +190,7 @@ class LifecycleRpcs:
         return vm_pb2.RebootVmResponse(success=state == S.VM_STATE_RUNNING, state=state)
 
     @api_method
-    @idempotent(vm_pb2.DeleteVmResponse)
+    @idempotent(vm_pb2.DeleteVmResponse, when_gone=vm_pb2.DeleteVmResponse(success=True))
     async def DeleteVm(self, request: vm_pb2.DeleteVmRequest,
                        context: grpc.aio.ServicerContext) -> vm_pb2.DeleteVmResponse:
         stored = self.ops.get(request.vm_id)
@@ -215,7 +215,10 @@ class LifecycleRpcs:
             r.generation += 1
             return True
 
-        written = await self.ops.store.mutate_vm(record.vm_id, mark)
+        # The mark goes with the deletion, so that a retry whose VM is gone knows it was this
+        # call that removed it, even if the answer never reached the caller.
+        pending = await self.ops.requests.pending_mark("DeleteVm", request)
+        written = await self.ops.store.mutate_vm(record.vm_id, mark, also=pending)
         failpoints.hit("controller.vm.mutated", record.vm_id)
         if written is None:
             raise not_found(record.vm_id)

@@ -86,16 +86,19 @@ def permission_denied(caller: Caller, namespace: str) -> ApiError:
                     f"{caller.describe()} may not use namespace {namespace!r}")
 
 
-def idempotent(response_type: type[M]
+def idempotent(response_type: type[M], when_gone: M | None = None
                ) -> Callable[[Callable[..., Awaitable[M]]], Callable[..., Awaitable[M]]]:
-    """Carry out a call with a request_id once; its retries get the first answer."""
+    """Carry out a call with a request_id once; its retries get the first answer.
+
+    `when_gone` answers a retry of a call that had marked its change pending and whose VM
+    is gone since (see RequestLog.pending_mark)."""
 
     def decorate(handler: Callable[..., Awaitable[M]]) -> Callable[..., Awaitable[M]]:
         @functools.wraps(handler)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> M:
             return await self.ops.requests.once(
                 handler.__name__, request, response_type,
-                lambda: handler(self, request, context))
+                lambda: handler(self, request, context), when_gone)
 
         return wrapper
 

@@ -210,27 +210,34 @@ Global___Allocation: _TypeAlias = Allocation  # noqa: Y015
 
 @_typing.final
 class RequestRecord(_message.Message):
-    """Key /vmm/requests/<method>/<request_id>, on a lease that bounds its retention: the first
-    answer to a call that carried that idempotency key.
+    """Key /vmm/requests/<method>/<caller>/<request_id>, on a lease that bounds its retention:
+    the first answer to a call that carried that idempotency key.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.str
     """sha256 of the request as first received: a reuse for another request is refused."""
     response: _builtins.bytes
     """The serialized response."""
+    pending: _builtins.bool
+    """Written with the change a call commits before it has its answer (a deletion marked):
+    a retry after a crash carries the call on, and knows that the VM it no longer finds
+    was removed by this very call.
+    """
     def __init__(
         self,
         *,
         fingerprint: _builtins.str = ...,
         response: _builtins.bytes = ...,
+        pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "pending", b"pending", "response", b"response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
