@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from fractions import Fraction
+from dataclasses import dataclass
 
 from controller.scheduler import (
     Choice,
@@ -56,12 +55,28 @@ def backend_class(backend: host_pb2.Backend) -> BackendClass:
     return BackendClass(backend, backend.SerializeToString(deterministic=True), honours)
 
 
-def density_score(host: HostView, free_vcpus: int, free_memory: int, need: Demand) -> Fraction:
-    """Twice the mean of CPU and memory utilisation once the VM is placed, exactly."""
-    return (Fraction(host.allocatable_vcpus - free_vcpus + need.vcpus,
-                     max(host.allocatable_vcpus, 1))
-            + Fraction(host.allocatable_memory - free_memory + need.memory,
-                       max(host.allocatable_memory, 1)))
+class DensestFirst:
+    """Twice the mean of CPU and memory utilisation once the VM is placed, as an exact
+    fraction num/den that sorts the denser placement first. Comparisons cross-multiply:
+    exact, and cheaper than Fraction's normalising."""
+
+    __slots__ = ("den", "num")
+
+    def __init__(self, host: HostView, free_vcpus: int, free_memory: int,
+                 need: Demand) -> None:
+        vcpus, memory = max(host.allocatable_vcpus, 1), max(host.allocatable_memory, 1)
+        self.num = ((host.allocatable_vcpus - free_vcpus + need.vcpus) * memory
+                    + (host.allocatable_memory - free_memory + need.memory) * vcpus)
+        self.den = vcpus * memory
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, DensestFirst)
+                and self.num * other.den == other.num * self.den)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __lt__(self, other: DensestFirst) -> bool:
+        return self.num * other.den > other.num * self.den
 
 
 class ShapeGroup:
@@ -70,9 +85,10 @@ class ShapeGroup:
 
     Within the group, higher utilisation after placement means a smaller weight
     M * free_vcpus + C * free_memory, which integers compare exactly. by_weight lists the
-    hosts by (weight, host_id): on a fleet with room the first few entries hold the answer.
-    When they are all full, buckets[free_vcpus] (sorted by (free_memory, host_id), keys
-    listing the non-empty ones in order) find it without looking at the full hosts.
+    hosts by (weight, host_id): the first few entries at or above the weight of the demand
+    itself usually hold the answer. When none of them fits, buckets[free_vcpus] (sorted by
+    (free_memory, host_id), keys listing the non-empty ones in order) find it without
+    looking at the full hosts.
     """
 
     __slots__ = ("bridges", "buckets", "by_weight", "class_ids", "keys", "memory", "vcpus")
@@ -116,7 +132,10 @@ class ShapeGroup:
 
     def best_fit(self, need: Demand) -> tuple[int, int, str] | None:
         """(free_vcpus, free_memory, host_id) of the densest host with room for need."""
-        for _, host_id, free_vcpus, free_memory in self.by_weight[:self.SCAN]:
+        # No host that fits weighs less than one left with exactly the demand free: skip
+        # those (the full hosts of a packed fleet) and try the next few in weight order.
+        start = bisect.bisect_left(self.by_weight, (self.weight(need.vcpus, need.memory),))
+        for _, host_id, free_vcpus, free_memory in self.by_weight[start:start + self.SCAN]:
             if free_vcpus >= need.vcpus and free_memory >= need.memory:
                 return free_vcpus, free_memory, host_id
         vcpus_weight, memory_weight, buckets = self.memory, self.vcpus, self.buckets
@@ -185,12 +204,6 @@ def _searched(class_ids: tuple[int, ...], usable: dict[int, tuple[Demand, int]],
         hit = search(need)
         if hit is not None:
             yield wanting, need, hit
-
-
-@dataclass
-class _Candidate:
-    order: tuple[Fraction, bool, int, str]
-    choice: Choice = field(compare=False)
 
 
 class FleetIndex:
@@ -315,6 +328,7 @@ class FleetIndex:
                 group and bridges <= group.bridges for group in self._groups.values())):
             why.missing_bridges = bridges
             return why
+        used = features.features_used(config)  # the same for every class
         verdicts: dict[int, BackendFit] = {}
         # Per backend name, the refusing class with the smallest key speaks for it.
         refusals: dict[str, tuple[bytes, BackendFit]] = {}
@@ -325,26 +339,28 @@ class FleetIndex:
             if (backend and cls.name != backend) or not self._ready_count[class_id]:
                 continue
             why.offered_backends.add(cls.name)
-            fit = verdicts[class_id] = check_backend(config, cls.backend.capabilities)
+            fit = verdicts[class_id] = check_backend(config, cls.backend.capabilities,
+                                                     used=used)
             if not fit.ok:
                 if cls.name not in refusals or cls.key < refusals[cls.name][0]:
                     refusals[cls.name] = (cls.key, fit)
                 continue
             rank = preference.index(cls.name) if cls.name in preference else len(preference)
             usable[class_id] = (cls.demand(config, reserve_max), rank)
-        candidates: list[_Candidate] = []
+        # (order, class id, need): the Choice is built for the winner only.
+        candidates: list[tuple[tuple[DensestFirst, bool, int, str], int, Demand]] = []
         for class_ids, need, hit in self._hits(usable, named, bridges):
             host = self._hosts[hit[2]].view
-            score = -density_score(host, hit[0], hit[1], need)
+            density = DensestFirst(host, hit[0], hit[1], need)
             for class_id in class_ids:
-                cls = self._classes[class_id]
-                candidates.append(_Candidate(
-                    (score, cls.backend.simulated, usable[class_id][1], host.host_id),
-                    Choice(host, cls.backend, verdicts[class_id], need)))
+                candidates.append(((density, self._classes[class_id].backend.simulated,
+                                    usable[class_id][1], host.host_id), class_id, need))
         if candidates:
-            if not backend and any(not c.choice.fit.warnings for c in candidates):
-                candidates = [c for c in candidates if not c.choice.fit.warnings]
-            return min(candidates, key=lambda c: c.order).choice
+            if not backend and any(not verdicts[c[1]].warnings for c in candidates):
+                candidates = [c for c in candidates if not verdicts[c[1]].warnings]
+            order, class_id, need = min(candidates, key=lambda c: c[0])
+            return Choice(self._hosts[order[3]].view, self._classes[class_id].backend,
+                          verdicts[class_id], need)
         ok = [cid for cid, fit in verdicts.items() if fit.ok]
         if not ok:
             why.backend_violations = {name: fit.violations for name, (_, fit) in refusals.items()}

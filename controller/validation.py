@@ -302,8 +302,11 @@ class BackendFit:
 
 
 def check_backend(config: vm_pb2.VmConfig, caps: host_pb2.BackendCapabilities,
-                  prefix: str = "config") -> BackendFit:
-    """Check a (structurally valid) config against one backend's declared capabilities."""
+                  prefix: str = "config",
+                  used: list[tuple[str, str]] | None = None) -> BackendFit:
+    """Check a (structurally valid) config against one backend's declared capabilities.
+
+    `used` is features.features_used(config), when the caller has it already."""
     name = caps.backend
     fit = BackendFit(name)
     lim = caps.limits
@@ -327,7 +330,7 @@ def check_backend(config: vm_pb2.VmConfig, caps: host_pb2.BackendCapabilities,
             f"{lim.max_nics}")
 
     ignored: set[str] = set()
-    for key, field_path in features.features_used(config):
+    for key, field_path in features.features_used(config) if used is None else used:
         decl = features.support_of(caps, key)
         path = field_path.removeprefix("config.")
         if decl.support == host_pb2.SUPPORT_NONE:
