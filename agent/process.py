@@ -62,10 +62,15 @@ async def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
     (agent.waiter) that writes its exit status there, whoever adopts it meanwhile.
     A confinement runs argv as its uid and puts it (and its waiter) in its cgroup."""
     proc = _launch(argv, console_log, cwd, env, hypervisor_log, exit_file, confinement)
+    # So that what it starts starts there. In a thread: the first move after a quiet spell
+    # waits for an RCU grace period (cgroup v1 takes milliseconds), and the agent's other
+    # VMs and heartbeats must not wait with it.
+    await asyncio.to_thread(_enter_cgroup, proc, proc.pid, confinement)
     if exit_file is None:
         return ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
     child = await _waiters_child(proc)
-    _enter_cgroup(proc, child.pid, confinement)  # had the waiter forked before it moved
+    # Had the waiter forked before it moved; the move is quick now.
+    _enter_cgroup(proc, child.pid, confinement)
     return ProcessRef(child.pid, child.create_time(), str(exit_file))
 
 
@@ -92,7 +97,6 @@ def _launch(argv: Sequence[str], console_log: Path, cwd: Path | None,
             start_new_session=True,
             close_fds=True,
         )
-    _enter_cgroup(proc, proc.pid, confinement)  # so that what it starts starts there
     _reap_in_background(proc)
     failpoints.hit("agent.process.spawned", console_log.parent.name)
     return proc

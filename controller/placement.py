@@ -86,7 +86,7 @@ class Placer:
             failpoints.hit("controller.create.committed", vm_id)
             self.ops.telemetry.observe_placement(time.perf_counter() - started, "placed")
             self.ops.telemetry.placed(host_id, choice.backend.name)
-            log.info("vm %s placed on host %s (%s) in %.1f ms", vm_id, host_id,
+            log.debug("vm %s placed on host %s (%s) in %.1f ms", vm_id, host_id,
                      choice.backend.name, (time.perf_counter() - started) * 1000)
             return stored
         raise ApiError(grpc.StatusCode.ABORTED,
