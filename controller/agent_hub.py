@@ -28,6 +28,7 @@ from controller.access import Access, Caller
 from controller.auth import current_caller
 from controller.etcd import EtcdError, EtcdUnavailable, LeaseNotFound
 from controller.liveness import HeartbeatPolicy, ReplicaLease
+from controller.status_writes import StatusWrites
 from controller.store import Store, now
 from controller.telemetry import Telemetry
 from controller.vm_cache import VmCache, VmChange
@@ -174,6 +175,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         self._dispatcher: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._status_locks: dict[str, asyncio.Lock] = {}
+        self._status_store = StatusWrites(store)
         # Status writes in flight; they finish even if their stream ends first.
         self._status_writes: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -352,8 +354,9 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         try:
             await self._register(session)
             opened = True
-            for status in register.vms:
-                await self.apply_status(session, status)
+            # Together, so that the host's reports share transactions (StatusWrites).
+            await asyncio.gather(*(self.apply_status(session, status)
+                                   for status in register.vms))
             await self._finish_deletions(session)
             reader = asyncio.create_task(self._read(session, context))
             writer = asyncio.create_task(self._write(session, context))
@@ -576,21 +579,25 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             if same_status(cached.record, new):
                 return  # nothing new (a re-registering agent reports all its VMs)
 
+            # The state the write replaced: change() may run more than once (a retry on a
+            # fresher copy), so the transition is counted once it is written.
+            replaced: list[vm_pb2.VmState.ValueType] = []
+
             def change(record: records_pb2.VmRecord) -> bool:
-                if record.host_id != session.host_id:
+                replaced.clear()
+                if record.host_id != session.host_id or same_status(record, new):
                     return False
-                if same_status(record, new):
-                    return False
-                old_state = record.status.state
+                replaced.append(record.status.state)
                 record.status.CopyFrom(new)
-                if old_state != new.state:
-                    self.telemetry.vm_state_changed(old_state, new.state)
                 return True
 
-            stored = await self.store.mutate_vm(status.vm_id, change, known=cached)
+            stored = await self._status_store.write(session.host_id, status.vm_id, change,
+                                                    known=cached)
             failpoints.hit("controller.status.applied", status.vm_id)
             if stored is not None:
                 self.cache.note_write(stored)
+                if replaced and replaced[0] != new.state:
+                    self.telemetry.vm_state_changed(replaced[0], new.state)
 
     def host_of(self, host_id: str) -> AgentSession | None:
         return self.sessions.get(host_id)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from controller.access import Quota
+from controller.batches import KeyedBatches
 from controller.errors import ApiError
 from controller.fleet import Fleet
 from controller.quotas import counted_from_cache, over_quota, plus
@@ -48,32 +49,13 @@ class HostCommits:
         self.fleet = fleet
         self.cache = cache
         self.quota_of = quota_of
-        self._queues: dict[str, list[_Pending]] = {}
-        self._flushing: dict[str, asyncio.Task[None]] = {}
+        self._batches: KeyedBatches[_Pending] = KeyedBatches(self._commit_batch, MAX_BATCH)
 
     async def commit(self, record: records_pb2.VmRecord, demand: Demand) -> StoredVm | None:
         """Store the VM on record.host_id with demand added to the host's allocation."""
         pending = _Pending(record, demand, asyncio.get_running_loop().create_future())
-        host_id = record.host_id
-        self._queues.setdefault(host_id, []).append(pending)
-        if host_id not in self._flushing:
-            self._flushing[host_id] = asyncio.create_task(self._flush(host_id),
-                                                          name=f"commit {host_id}")
+        self._batches.submit(record.host_id, pending)
         return await asyncio.shield(pending.done)
-
-    async def _flush(self, host_id: str) -> None:
-        try:
-            while queue := self._queues.get(host_id):
-                batch, self._queues[host_id] = queue[:MAX_BATCH], queue[MAX_BATCH:]
-                try:
-                    await self._commit_batch(host_id, batch)
-                except Exception as err:
-                    for pending in batch:
-                        if not pending.done.done():
-                            pending.done.set_exception(err)
-        finally:
-            self._queues.pop(host_id, None)
-            del self._flushing[host_id]
 
     async def _usage(self, batch: list[_Pending]) -> dict[str, tuple[Quota, StoredAllocation]]:
         """The quota and current usage of each namespace of the batch that has a quota."""
@@ -121,7 +103,7 @@ class HostCommits:
             taken.append(pending)
             ids.add(pending.record.vm_id)
         if later:
-            self._queues[host_id] = later + self._queues.get(host_id, [])
+            self._batches.requeue(host_id, later)
         if not taken:
             return
         new_allocation = records_pb2.Allocation(

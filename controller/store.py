@@ -192,6 +192,21 @@ class Store:
                        if isinstance(found, GetResult) and found.kvs else None)
         raise ConflictError(f"vm {vm_id!r} kept changing under concurrent writers")
 
+    async def update_vms(self, updates: list[tuple[StoredVm, records_pb2.VmRecord]]
+                         ) -> int | None:
+        """Write new records of several VMs in one transaction, if every one is still at the
+        revision it was read at: the revision written, or None when one of them changed."""
+        stamp = now()
+        for _, record in updates:
+            record.modified_timestamp = stamp
+        result = await self.etcd.txn(
+            compares=[Compare.mod_revision(self.vm_key(old.record.vm_id)) == old.revision
+                      for old, _ in updates],
+            success=[Op.put(self.vm_key(record.vm_id), record.SerializeToString())
+                     for _, record in updates],
+            failure=[])
+        return result.revision if result.succeeded else None
+
     async def delete_vm(self, vm_id: str, expected: StoredVm | None = None) -> bool:
         """Delete a VM record and give its resources back to its host, atomically."""
         for _ in range(MAX_CAS_ATTEMPTS):
