@@ -23,7 +23,7 @@ from typing import NamedTuple, Protocol, TypeVar
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from controller.agent_hub import AgentSession
+from controller.agent_session import AgentSession
 from controller.store import StoredVm
 from controller.telemetry import state_label
 from vmm.v1 import host_pb2, vm_pb2

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from controller.agent_hub import AgentSession
+from controller.agent_session import AgentSession
 from controller.api.operations import VmOperations, api_method
 from controller.errors import ApiError, code_from_name, invalid_field
 from vmm.agent.v1 import agent_pb2

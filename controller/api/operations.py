@@ -13,7 +13,8 @@ from google.protobuf.message import Message
 
 from controller import validation
 from controller.access import ALL_NAMESPACES, DEFAULT_NAMESPACE, Access, Caller, Quota
-from controller.agent_hub import AgentHub, AgentSession
+from controller.agent_hub import AgentHub
+from controller.agent_session import AgentSession
 from controller.api.requests import DEFAULT_RETENTION, RequestLog
 from controller.auth import current_caller
 from controller.errors import (
