@@ -33,18 +33,24 @@ def to_running(record: records_pb2.VmRecord) -> bool:
     return True
 
 
+async def report_running(writes: StatusWrites, vms: list[StoredVm]) -> list[StoredVm]:
+    """Every VM's report at once, as a host's burst arrives; what each write left."""
+    written = await asyncio.gather(*(writes.write("h1", s.record.vm_id, to_running, s)
+                                     for s in vms))
+    assert all(s is not None for s in written)
+    return [s for s in written if s is not None]
+
+
 async def test_a_burst_of_reports_shares_transactions(etcd_client: EtcdClient) -> None:
     store = Store(etcd_client)
     vms = await created(store, "h1", 40)
     writes = StatusWrites(store)
-    written = await asyncio.gather(*(writes.write("h1", s.record.vm_id, to_running, s)
-                                     for s in vms))
-    revisions = {s.revision for s in written if s is not None}
+    written = await report_running(writes, vms)
+    revisions = {s.revision for s in written}
     # Reports that queue while the host's batch is forming go in one transaction (the
     # first may go alone if its batch started before the others queued).
     assert len(revisions) <= 2, revisions
     for stored in written:
-        assert stored is not None
         found = await store.get_vm(stored.record.vm_id)
         assert found is not None and found.record.status.state == RUNNING
         assert found.revision == stored.revision
@@ -76,9 +82,6 @@ async def test_a_report_that_changes_nothing_writes_nothing(etcd_client: EtcdCli
     store = Store(etcd_client)
     vms = await created(store, "h1", 2)
     writes = StatusWrites(store)
-    first = await asyncio.gather(*(writes.write("h1", s.record.vm_id, to_running, s)
-                                   for s in vms))
-    again = await asyncio.gather(*(writes.write("h1", s.record.vm_id, to_running, s)
-                                   for s in first if s is not None))
-    assert [s.revision for s in again if s is not None] == \
-        [s.revision for s in first if s is not None]
+    first = await report_running(writes, vms)
+    again = await report_running(writes, first)
+    assert [s.revision for s in again] == [s.revision for s in first]
