@@ -73,7 +73,8 @@ class RequestLog:
                         or stored is None):
                     raise
                 response = when_gone
-            return await self._keep(key, fingerprint, response, response_type)
+            return await self._keep(key, fingerprint, response, response_type,
+                                    marked=when_gone is not None)
         finally:
             del self._in_flight[key]
             done.set()
@@ -98,14 +99,16 @@ class RequestLog:
         return f"{self.prefix}{method}/{caller}/{request_id}", fingerprint
 
     async def _keep(self, key: str, fingerprint: str, response: Response,
-                    response_type: type[Response]) -> Response:
-        """Store the answer over nothing or over this call's pending mark; an answer another
-        replica stored first stands."""
+                    response_type: type[Response], marked: bool) -> Response:
+        """Store the answer over nothing or over this call's pending mark (tried first when
+        the call is one that marks: `marked`); an answer another replica stored first
+        stands."""
         answer = records_pb2.RequestRecord(fingerprint=fingerprint,
                                            response=response.SerializeToString())
         pending = records_pb2.RequestRecord(fingerprint=fingerprint, pending=True)
         put = Op.put(key, answer.SerializeToString(), await self._current_lease())
-        for guard in (Compare.absent(key), Compare.value(key) == pending.SerializeToString()):
+        guards = [Compare.absent(key), Compare.value(key) == pending.SerializeToString()]
+        for guard in reversed(guards) if marked else guards:
             result = await self.store.etcd.txn(compares=[guard], success=[put], failure=[])
             if result.succeeded:
                 return response
