@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from controller import config as config_module
+from controller import gc_policy
 from controller.access import Access, AccessFile, AccessFileError
 from controller.agent_hub import AgentHub
 from controller.api.host_service import HostService
@@ -95,6 +96,7 @@ class Controller:
                      ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                      ("grpc.max_receive_message_length", config.max_request_bytes)])
         self._alive_task: asyncio.Task[None] | None = None
+        self._gc_task: asyncio.Task[None] | None = None
         self.agent_port = 0
         self._background: set[asyncio.Task[None]] = set()
 
@@ -158,6 +160,7 @@ class Controller:
         if self.config.http_listen:
             await self.http.start(self.config.http_listen)
         self._alive_task = asyncio.create_task(self._watch_etcd_health())
+        self._gc_task = asyncio.create_task(gc_policy.keep_frozen(lambda: len(self.hub.sessions)))
         self.leadership.start()
         log.info("controller listening on %s%s (etcd %s)", self.config.listen,
                  f", agents on {self.config.agent_listen}" if self.config.agent_listen else "",
@@ -183,8 +186,9 @@ class Controller:
                 log.warning("etcd %s", "reachable again" if ok else "unreachable")
 
     async def stop(self) -> None:
-        if self._alive_task:
-            self._alive_task.cancel()
+        for task in (self._alive_task, self._gc_task):
+            if task:
+                task.cancel()
         if self.access is not None:
             await self.access.stop()
         await self.leadership.stop()
