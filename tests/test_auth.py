@@ -147,7 +147,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         c.controller.start()
         c.channel = grpc.secure_channel(c.address, Secure(c, pki, access, "").tls(
             token=TOKENS["admin"]))
-        grpc.channel_ready_future(c.channel).result(timeout=20)
+        c.controller.wait_serving(c.channel)
         secure = Secure(c, pki, access, agent_address)
         # host-a's real agent, by its certificate on the agents' port.
         c.add_agent("host-a", controller=agent_address, extra=[

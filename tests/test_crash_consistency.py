@@ -255,7 +255,7 @@ def test_controller_crash_at_every_failpoint_converges_and_retries_succeed(
         cluster.controller.env = {**cluster.env, failpoints.ENV: spec(remaining)}
         cluster.controller.start()
         assert cluster.channel is not None
-        grpc.channel_ready_future(cluster.channel).result(timeout=30)
+        cluster.controller.wait_serving(cluster.channel)
         cluster.wait_host_ready(HOST, timeout=30)
 
     try:

@@ -70,6 +70,22 @@ class Process:
                 self.proc.kill()
                 self.proc.wait()
 
+    def wait_serving(self, channel: grpc.Channel, timeout: float = 30.0) -> None:
+        """Wait until the process answers on channel; fail at once, with its log, if it
+        exits first (a port it could not bind, say) rather than at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=0.5)
+                return
+            except grpc.FutureTimeoutError:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} "
+                                       f"before serving:\n{self.log_tail()}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not serve within {timeout} s:\n"
+                                       f"{self.log_tail()}") from None
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -153,7 +169,7 @@ class Cluster:
         replica.start()
         self.replicas.append(replica)
         with grpc.insecure_channel(address) as channel:
-            grpc.channel_ready_future(channel).result(timeout=20)
+            replica.wait_serving(channel)
         return replica, address
 
     @property
@@ -177,7 +193,7 @@ class Cluster:
             self.etcd.start()
         self.start_controller()
         plain = grpc.insecure_channel(self.address)
-        grpc.channel_ready_future(plain).result(timeout=20)
+        self.controller.wait_serving(plain)
         self.channel = (grpc.intercept_channel(plain, BearerToken(self.token)) if self.token
                         else plain)
 
@@ -194,7 +210,7 @@ class Cluster:
         self.controller.argv += extra
         self.controller.start()
         assert self.channel is not None
-        grpc.channel_ready_future(self.channel).result(timeout=20)
+        self.controller.wait_serving(self.channel)
 
     def add_agent(self, host_id: str, vcpus: int = 8, memory: int = 16 * GIB,
                   backends: str = "firecracker", extra: list[str] | None = None,

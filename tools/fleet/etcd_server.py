@@ -22,6 +22,10 @@ from pathlib import Path
 
 # The ports etcd uses by default; a test must never touch an etcd a developer runs.
 _RESERVED_PORTS = frozenset({2379, 2380})
+# Every port handed out so far. The kernel picks a free port at random, so two calls may
+# well get the same one while its first taker has not bound it yet (a cluster takes its
+# ports before it starts anything); a port is never handed out twice in one process.
+_HANDED_OUT: set[int] = set()
 
 
 class EtcdServerError(RuntimeError):
@@ -42,8 +46,9 @@ def free_loopback_ports(count: int) -> list[int]:
             sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             sock.bind(("127.0.0.1", 0))
             port: int = sock.getsockname()[1]
-            if port not in _RESERVED_PORTS:
+            if port not in _RESERVED_PORTS and port not in _HANDED_OUT:
                 ports.append(port)
+                _HANDED_OUT.add(port)
         return ports
 
 
