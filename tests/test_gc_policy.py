@@ -37,3 +37,36 @@ def test_a_refreeze_reclaims_garbage_frozen_earlier() -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_piled_up_long_lived_objects_are_frozen() -> None:
+    try:
+        policy = gc_policy.FreezePolicy(fleet_size=0, memory=1 << 50)  # no full refreeze due
+        kept = [Node() for _ in range(2 * gc_policy.UNFROZEN_LIMIT)]
+        gc.collect()  # now in the oldest generation, where full collections walk them
+        assert gc_policy.unfrozen_long_lived() >= len(kept)
+        frozen_before = gc.get_freeze_count()
+        policy.step(0)
+        assert gc.get_freeze_count() >= frozen_before + len(kept)
+        assert gc_policy.unfrozen_long_lived() < gc_policy.UNFROZEN_LIMIT
+    finally:
+        gc.unfreeze()
+
+
+def test_growth_of_the_process_brings_a_full_refreeze() -> None:
+    try:
+        policy = gc_policy.FreezePolicy(fleet_size=0, memory=gc_policy.resident_bytes())
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        alive = weakref.ref(a)
+        gc.freeze()
+        del a, b
+        policy.step(0)
+        assert alive() is not None, "no refreeze while the process has not grown"
+        kept = bytearray(int(gc_policy.MEMORY_GROWTH * policy.memory) + (8 << 20))
+        kept[::4096] = b"x" * len(kept[::4096])  # resident, not just reserved
+        policy.step(0)
+        assert alive() is None, "a full refreeze collects what was frozen"
+        assert policy.memory >= len(kept)
+    finally:
+        gc.unfreeze()
