@@ -90,7 +90,7 @@ class Superseded(Exception):
 class AgentHub(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, store: Store, cache: VmCache, telemetry: Telemetry,
                  host_lease_ttl: int = 10, *, heartbeat_interval: float = 2.0,
-                 heartbeat_timeout: float = 15.0, max_heartbeat_rate: float = 1000.0,
+                 heartbeat_timeout: float = 15.0, max_heartbeat_rate: float = 500.0,
                  max_concurrent_registrations: int = 64,
                  on_host_change: Callable[[str], None] | None = None,
                  removal_retry_interval: float = 10.0) -> None:

@@ -54,8 +54,9 @@ class AgentSession:
             self.replies.pop(request.request_id, None)
 
     async def call(self, request: agent_pb2.Request, timeout: float) -> agent_pb2.Reply:
-        async with self.open_request(request) as replies:
-            return await asyncio.wait_for(replies.get(), timeout)
+        # asyncio.timeout, not wait_for: no task per call (this is on every create's path).
+        async with self.open_request(request) as replies, asyncio.timeout(timeout):
+            return await replies.get()
 
     def cancel(self, request_id: str) -> None:
         self.send(agent_pb2.ConnectResponse(request=agent_pb2.Request(

@@ -25,8 +25,10 @@ class ControllerConfig:
     # most a third of heartbeat_timeout); the controller tells each agent its interval.
     heartbeat_interval: float = 2.0
     # Heartbeats per second one replica asks of its agents at most: with more hosts than
-    # heartbeat_interval * max_heartbeat_rate, the interval grows with the fleet.
-    max_heartbeat_rate: float = 1000.0
+    # heartbeat_interval * max_heartbeat_rate, the interval grows with the fleet. Each beat
+    # costs the controller ~150 us of a core it shares with placement, so at 10,000 hosts
+    # (a 20 s interval) heartbeats take 0.08 core. Nomad's servers default to 50 a second.
+    max_heartbeat_rate: float = 500.0
     # How many agent registrations (etcd writes of the host record and alive key) run at once.
     max_concurrent_registrations: int = 64
     # TTL in seconds of this replica's etcd lease, which holds the alive keys of its hosts:

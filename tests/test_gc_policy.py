@@ -4,6 +4,7 @@ and a refreeze reclaims cyclic garbage that an earlier freeze had kept."""
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 
 from controller import gc_policy
@@ -39,16 +40,19 @@ def test_a_refreeze_reclaims_garbage_frozen_earlier() -> None:
         gc.unfreeze()
 
 
-def test_piled_up_long_lived_objects_are_frozen() -> None:
+def test_each_step_freezes_what_survived_since_the_last() -> None:
     try:
         policy = gc_policy.FreezePolicy(fleet_size=0, memory=1 << 50)  # no full refreeze due
-        kept = [Node() for _ in range(2 * gc_policy.UNFROZEN_LIMIT)]
-        gc.collect()  # now in the oldest generation, where full collections walk them
-        assert gc_policy.unfrozen_long_lived() >= len(kept)
+        kept = [Node() for _ in range(20_000)]
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        garbage = weakref.ref(a)
+        del a, b
         frozen_before = gc.get_freeze_count()
         policy.step(0)
+        assert garbage() is None, "young cyclic garbage is collected, not frozen"
         assert gc.get_freeze_count() >= frozen_before + len(kept)
-        assert gc_policy.unfrozen_long_lived() < gc_policy.UNFROZEN_LIMIT
+        assert gc_policy.unfrozen_long_lived() == 0
     finally:
         gc.unfreeze()
 
@@ -68,5 +72,23 @@ def test_growth_of_the_process_brings_a_full_refreeze() -> None:
         policy.step(0)
         assert alive() is None, "a full refreeze collects what was frozen"
         assert policy.memory >= len(kept)
+    finally:
+        gc.unfreeze()
+
+
+def test_full_refreezes_are_spaced_out() -> None:
+    try:
+        # Due by memory, but one ran a moment ago.
+        policy = gc_policy.FreezePolicy(fleet_size=0, memory=0, at=time.monotonic())
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        alive = weakref.ref(a)
+        gc.freeze()
+        del a, b
+        policy.step(0)
+        assert alive() is not None
+        policy.at -= gc_policy.REFREEZE_SPACING
+        policy.step(0)
+        assert alive() is None
     finally:
         gc.unfreeze()

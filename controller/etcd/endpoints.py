@@ -151,7 +151,15 @@ class EndpointPool:
         A `long_running` call (a campaign) may rightly wait for a long time, so only the
         time spent failing counts against the budget, and each attempt gets a fresh one.
         """
-        budget = self.timeout if budget is None else budget
+        budget = total = self.timeout if budget is None else budget
+        deadline = time.monotonic() + budget
+        if not long_running:
+            # Nearly every call succeeds at once: only one whose first attempt failed pays
+            # for the retry loop (tenacity costs ~25 us a call, a tenth of an etcd write).
+            try:
+                return await self._attempt(invoke, deadline, idempotent)
+            except EndpointDown:
+                budget = max(deadline - time.monotonic(), 0.0)
         outage = _StopAfterOutage(budget) if long_running else None
         retrying = AsyncRetrying(
             stop=outage or stop_after_delay(budget),
@@ -159,30 +167,34 @@ class EndpointPool:
             retry=retry_if_exception_type(EndpointDown),
             reraise=True,
         )
-        deadline = time.monotonic() + budget
         try:
             async for attempt in retrying:
                 with attempt:
                     if outage is not None:
                         outage.attempt_started()
                         deadline = time.monotonic() + budget
-                    endpoint = await self._connected(deadline)
-                    try:
-                        return await invoke(endpoint, max(deadline - time.monotonic(), 0.001))
-                    except grpc.aio.AioRpcError as error:
-                        self.raise_unless_retryable(error, endpoint, idempotent)
-                        raise EndpointDown(_error_text(error)) from error
-                    except TimeoutError as error:
-                        # A stream that got no answer in time: only streams time out
-                        # this way, and they are all safe to retry.
-                        self.fail_over(endpoint, "no answer")
-                        raise EndpointDown(f"{endpoint.address}: no answer") from error
+                    return await self._attempt(invoke, deadline, idempotent)
         except EndpointDown as error:
             addresses = ", ".join(e.address for e in self.endpoints)
             raise EtcdUnavailable(
                 f"no etcd endpoint of {addresses} answered within "
-                f"{budget:g}s (last error: {error})", grpc.StatusCode.UNAVAILABLE) from error
+                f"{total:g}s (last error: {error})", grpc.StatusCode.UNAVAILABLE) from error
         raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _attempt(self, invoke: Callable[[Endpoint, float], Awaitable[T]],
+                       deadline: float, idempotent: bool) -> T:
+        """One try on the current endpoint; EndpointDown when another try may follow."""
+        endpoint = await self._connected(deadline)
+        try:
+            return await invoke(endpoint, max(deadline - time.monotonic(), 0.001))
+        except grpc.aio.AioRpcError as error:
+            self.raise_unless_retryable(error, endpoint, idempotent)
+            raise EndpointDown(_error_text(error)) from error
+        except TimeoutError as error:
+            # A stream that got no answer in time: only streams time out this way, and
+            # they are all safe to retry.
+            self.fail_over(endpoint, "no answer")
+            raise EndpointDown(f"{endpoint.address}: no answer") from error
 
     async def _connected(self, deadline: float) -> Endpoint:
         """The current endpoint once connected; fails over when it does not connect.
