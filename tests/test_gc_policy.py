@@ -24,13 +24,23 @@ class Node:
         self.other: Node | None = None
 
 
+def cycle() -> weakref.ref[Node]:
+    """Cyclic garbage, which only the cyclic collector frees; a reference that tells."""
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
+def frozen_cycle() -> weakref.ref[Node]:
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gc.freeze()
+    return weakref.ref(a)
+
+
 def test_a_refreeze_reclaims_garbage_frozen_earlier() -> None:
     try:
-        a, b = Node(), Node()
-        a.other, b.other = b, a  # a cycle: only the cyclic collector frees it
-        alive = weakref.ref(a)
-        gc.freeze()
-        del a, b
+        alive = frozen_cycle()
         gc.collect()
         assert alive() is not None, "frozen objects are not collected"
         gc_policy.refreeze()
@@ -44,10 +54,7 @@ def test_each_step_freezes_what_survived_since_the_last() -> None:
     try:
         policy = gc_policy.FreezePolicy(fleet_size=0, memory=1 << 50)  # no full refreeze due
         kept = [Node() for _ in range(20_000)]
-        a, b = Node(), Node()
-        a.other, b.other = b, a
-        garbage = weakref.ref(a)
-        del a, b
+        garbage = cycle()
         frozen_before = gc.get_freeze_count()
         policy.step(0)
         assert garbage() is None, "young cyclic garbage is collected, not frozen"
@@ -60,11 +67,7 @@ def test_each_step_freezes_what_survived_since_the_last() -> None:
 def test_growth_of_the_process_brings_a_full_refreeze() -> None:
     try:
         policy = gc_policy.FreezePolicy(fleet_size=0, memory=gc_policy.resident_bytes())
-        a, b = Node(), Node()
-        a.other, b.other = b, a
-        alive = weakref.ref(a)
-        gc.freeze()
-        del a, b
+        alive = frozen_cycle()
         policy.step(0)
         assert alive() is not None, "no refreeze while the process has not grown"
         kept = bytearray(int(gc_policy.MEMORY_GROWTH * policy.memory) + (8 << 20))
@@ -80,11 +83,7 @@ def test_full_refreezes_are_spaced_out() -> None:
     try:
         # Due by memory, but one ran a moment ago.
         policy = gc_policy.FreezePolicy(fleet_size=0, memory=0, at=time.monotonic())
-        a, b = Node(), Node()
-        a.other, b.other = b, a
-        alive = weakref.ref(a)
-        gc.freeze()
-        del a, b
+        alive = frozen_cycle()
         policy.step(0)
         assert alive() is not None
         policy.at -= gc_policy.REFREEZE_SPACING
