@@ -66,11 +66,6 @@ def freeze_survivors() -> None:
     gc.freeze()
 
 
-def unfrozen_long_lived() -> int:
-    """Objects in the oldest generation that are not frozen: what a full collection walks."""
-    return len(gc.get_objects(generation=2))
-
-
 _SELF = psutil.Process()
 
 
