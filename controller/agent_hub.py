@@ -530,13 +530,18 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                 record.status.CopyFrom(new)
                 return True
 
-            stored = await self._status_store.write(session.host_id, status.vm_id, change,
-                                                    known=cached)
-            failpoints.hit("controller.status.applied", status.vm_id)
-            if stored is not None:
-                self.cache.note_write(stored)
-                if replaced and replaced[0] != new.state:
-                    self.telemetry.vm_state_changed(replaced[0], new.state)
+            # Those waiting for the report (an RPC's answer) need not wait for its write.
+            self.cache.note_report(status.vm_id, new)
+            try:
+                stored = await self._status_store.write(session.host_id, status.vm_id, change,
+                                                        known=cached)
+                failpoints.hit("controller.status.applied", status.vm_id)
+                if stored is not None:
+                    self.cache.note_write(stored)
+            finally:
+                self.cache.report_recorded(status.vm_id)
+            if stored is not None and replaced and replaced[0] != new.state:
+                self.telemetry.vm_state_changed(replaced[0], new.state)
 
     def host_of(self, host_id: str) -> AgentSession | None:
         return self.sessions.get(host_id)

@@ -8,6 +8,10 @@ A waiter is woken by its own VM's changes only, and as soon as either the watch 
 this replica's own committed write (note_write) brings them: a write etcd has
 acknowledged is durable, so it need not wait for its echo on a watch that carries
 every VM's changes.
+
+An agent's report wakes them even sooner: the cache shows it while the write recording it
+is in flight (note_report). What the agent reports is what etcd is about to hold; should the
+write fail, the agent's stream ends and it reports again when it reconnects.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from controller.access import DEFAULT_NAMESPACE
 from controller.etcd import EventType, WatchCompacted
 from controller.store import Store, StoredVm
+from vmm.agent.v1 import agent_pb2
 from vmm.store.v1 import records_pb2
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,9 @@ class VmCache:
         # vm id -> revision of its deletion, for the most recent deletions the watch applied:
         # a write of this replica's that the deletion overtook must not bring the VM back.
         self._deleted: dict[str, int] = {}
+        # vm id -> (the status its agent reported, the record as etcd holds it) while the
+        # write recording the report is in flight: `vms` shows the one over the other.
+        self._reported: dict[str, tuple[agent_pb2.VmStatus, StoredVm]] = {}
         # Each VM as the watch last delivered it: what a change is a change *from*.
         self._watched: dict[str, StoredVm] = {}
         self.revision = 0
@@ -122,6 +130,29 @@ class VmCache:
             self._store(vm_id, stored)
             self._wake(vm_id)
 
+    def note_report(self, vm_id: str, status: agent_pb2.VmStatus) -> None:
+        """Show an agent's report of a VM now, before the write recording it commits, and
+        wake whoever waits on that VM. One report per VM at a time (the hub's VM lock)."""
+        if (cached := self.vms.get(vm_id)) is None:
+            return
+        self._reported[vm_id] = (status, cached)
+        self.vms[vm_id] = _reported_over(cached, status)
+        self._wake(vm_id)
+
+    def report_recorded(self, vm_id: str) -> None:
+        """The write of the VM's report is over (note_write has its result, if any): the
+        cache holds what etcd holds again, without the report should the write have failed."""
+        if (entry := self._reported.pop(vm_id, None)) is None:
+            return
+        if vm_id in self.vms:
+            self.vms[vm_id] = entry[1]
+        self._wake(vm_id)
+
+    async def recorded(self, vm_id: str, timeout: float) -> StoredVm | None:
+        """The VM's record once no report of it is being written. A change guarded by the
+        record's revision would otherwise lose the race to that write and go round again."""
+        return await self.wait_for(vm_id, lambda _: vm_id not in self._reported, timeout)
+
     async def _apply(self, change: VmChange) -> None:
         cached = self.vms.get(change.vm_id)
         if change.current is None:
@@ -151,7 +182,11 @@ class VmCache:
         old_host = old.record.host_id if old is not None else None
         new_host = stored.record.host_id if stored is not None else None
         if stored is not None:
-            self.vms[vm_id] = stored
+            if (entry := self._reported.get(vm_id)) is None:
+                self.vms[vm_id] = stored
+            else:
+                self._reported[vm_id] = (entry[0], stored)
+                self.vms[vm_id] = _reported_over(stored, entry[0])
         if stored is not None and stored.record.deleting:
             self.deleting.add(vm_id)
         else:
@@ -228,6 +263,15 @@ class VmCache:
             if not waiters and self._waiters.get(vm_id) is waiters:
                 del self._waiters[vm_id]
         return self.vms.get(vm_id)
+
+
+def _reported_over(stored: StoredVm, status: agent_pb2.VmStatus) -> StoredVm:
+    """The record with a reported status in place of its own, at the same revision: a write
+    guarded by that revision still fails if the record changed since."""
+    record = records_pb2.VmRecord()
+    record.CopyFrom(stored.record)
+    record.status.CopyFrom(status)
+    return StoredVm(record, stored.revision)
 
 
 def namespace_of(record: records_pb2.VmRecord) -> str:

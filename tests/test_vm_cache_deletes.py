@@ -1,11 +1,15 @@
 """The VM cache against a real etcd: a replica's own write that its watch has already seen
-deleted never brings the VM back."""
+deleted never brings the VM back; an agent's report shows while its write is in flight and
+is gone again should that write fail."""
 
 from __future__ import annotations
+
+import asyncio
 
 from controller.etcd import EtcdClient
 from controller.store import Store
 from controller.vm_cache import VmCache
+from vmm.agent.v1 import agent_pb2
 from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2
 
@@ -42,3 +46,56 @@ async def test_a_write_overtaken_by_the_deletion_does_not_resurrect_the_vm(
         assert seen is not None and seen.revision == again.revision
     finally:
         await cache.stop()
+
+
+async def test_a_report_shows_before_its_write_and_only_until_the_write_is_over(
+        etcd_client: EtcdClient) -> None:
+    store = Store(etcd_client)
+    cache = VmCache(store)
+    await cache.start()
+    try:
+        record = records_pb2.VmRecord(vm_id="vm-2", host_id="h1", generation=1,
+                                      reserved=host_pb2.Resources(vcpus=1))
+        created = await store.create_vms("h1", [record], await store.get_allocation("h1"),
+                                         records_pb2.Allocation(vm_count=1))
+        assert created.created
+        durable = await cache.wait_for("vm-2", lambda s: s is not None, 10)
+        assert durable is not None
+        waiting = asyncio.create_task(cache.wait_for(
+            "vm-2", lambda s: s is not None and s.record.status.observed_generation == 1, 10))
+        await asyncio.sleep(0)
+        report = agent_pb2.VmStatus(vm_id="vm-2", observed_generation=1, state=2)
+        cache.note_report("vm-2", report)
+        woken = await asyncio.wait_for(waiting, 1)
+        assert woken is not None and woken.record.status == report
+        # Shown at the revision etcd holds, so a write guarded by it still sees a change.
+        assert woken.revision == durable.revision
+        assert cache.on_host("h1")[0].record.status == report
+        # A change waits for the write: here it fails, and the report is dropped with it.
+        recorded = asyncio.create_task(cache.recorded("vm-2", 10))
+        await asyncio.sleep(0.05)
+        assert not recorded.done()
+        cache.report_recorded("vm-2")
+        after = await asyncio.wait_for(recorded, 1)
+        assert after is not None and after.record.status.observed_generation == 0
+        assert after.revision == durable.revision
+        # A write that lands replaces the report with what etcd holds.
+        cache.note_report("vm-2", report)
+
+        def report_it(r: records_pb2.VmRecord) -> None:
+            r.status.CopyFrom(report)
+
+        written = await store.mutate_vm("vm-2", report_it, known=durable)
+        assert written is not None
+        cache.note_write(written)
+        cache.report_recorded("vm-2")
+        now = cache.get("vm-2")
+        assert now is not None and now.revision == written.revision
+        assert now.record.status == report
+        # A report of a VM the cache does not hold shows nothing and holds nothing up.
+        cache.note_report("vm-9", report)
+        assert cache.get("vm-9") is None
+        assert await cache.recorded("vm-9", 0.01) is None
+    finally:
+        await cache.stop()
+

@@ -233,6 +233,17 @@ class VmOperations:
         at once, so a retried call is answered like the first one."""
         timeout = timeout or self.settings.operation_timeout
         stored = await self.settled(vm_id, verb, timeout)
+        # What the agent last reported may still be on its way to etcd: the change goes
+        # after that write, rather than lose a compare to it and go round again.
+        try:
+            recorded = await self.cache.recorded(vm_id, timeout)
+        except TimeoutError:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE,
+                           f"cannot {verb} vm {vm_id} yet: its last report is still being "
+                           "recorded; try again") from None
+        if recorded is None:
+            raise not_found(vm_id)
+        stored = recorded
         record = stored.record
         if record.deleting:
             raise ApiError(grpc.StatusCode.ABORTED,
