@@ -52,6 +52,15 @@ WAITER = str(Path(__file__).with_name("waiter.py"))
 WAITER_START_TIMEOUT = 10.0
 
 
+@dataclass(frozen=True)
+class Started:
+    """A process just started. `confined` settles once it (and its waiter) are in their
+    cgroup, which may take a while after the process itself is up; see start()."""
+
+    ref: ProcessRef
+    confined: asyncio.Future[None]
+
+
 async def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
                 env: dict[str, str] | None = None, hypervisor_log: Path | None = None,
                 exit_file: Path | None = None,
@@ -60,18 +69,52 @@ async def spawn(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
     hypervisor writes its guest's serial port) and stderr to hypervisor_log (its own
     messages; console_log too when None). With exit_file, argv runs under a waiter
     (agent.waiter) that writes its exit status there, whoever adopts it meanwhile.
-    A confinement runs argv as its uid and puts it (and its waiter) in its cgroup."""
+    A confinement runs argv as its uid and puts it (and its waiter) in its cgroup before
+    this returns."""
+    started = await start(argv, console_log, cwd, env, hypervisor_log, exit_file, confinement)
+    await started.confined
+    return started.ref
+
+
+async def start(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
+                env: dict[str, str] | None = None, hypervisor_log: Path | None = None,
+                exit_file: Path | None = None,
+                confinement: Confinement | None = None) -> Started:
+    """What spawn() does, returning as soon as the process is known, while it is still being
+    moved into its cgroup: the first move after a quiet spell waits for an RCU grace period
+    (cgroup v1 takes milliseconds), time the process can spend starting up. The caller
+    awaits `confined` before the process runs anything of the guest's."""
     proc = _launch(argv, console_log, cwd, env, hypervisor_log, exit_file, confinement)
-    # So that what it starts starts there. In a thread: the first move after a quiet spell
-    # waits for an RCU grace period (cgroup v1 takes milliseconds), and the agent's other
-    # VMs and heartbeats must not wait with it.
-    await asyncio.to_thread(_enter_cgroup, proc, proc.pid, confinement)
+    # So that what it starts starts there. In a thread: the agent's other VMs and
+    # heartbeats must not wait for the grace period either.
+    moving = asyncio.ensure_future(asyncio.to_thread(_enter_cgroup, proc, proc.pid, confinement))
     if exit_file is None:
-        return ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
-    child = await _waiters_child(proc)
-    # Had the waiter forked before it moved; the move is quick now.
-    _enter_cgroup(proc, child.pid, confinement)
-    return ProcessRef(child.pid, child.create_time(), str(exit_file))
+        try:
+            ref = ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
+        except BaseException:
+            moving.add_done_callback(_retrieve)
+            raise
+        return Started(ref, moving)
+    try:
+        child = await _waiters_child(proc)
+    except BaseException:
+        moving.add_done_callback(_retrieve)
+        raise
+
+    async def confine_child() -> None:
+        await moving
+        # Had the waiter forked before it moved; the move is quick now.
+        _enter_cgroup(proc, child.pid, confinement)
+
+    confined = asyncio.ensure_future(confine_child())
+    confined.add_done_callback(_retrieve)
+    return Started(ProcessRef(child.pid, child.create_time(), str(exit_file)), confined)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Consume the outcome of a move nobody awaits any more (its process is being killed)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _launch(argv: Sequence[str], console_log: Path, cwd: Path | None,

@@ -411,7 +411,7 @@ class FirecrackerRuntime(Runtime):
             # only open existing log and metrics files.
             rotate_log(vm.hypervisor_log)
             vm.metrics_file.touch()
-            ref = await process.spawn(
+            started = await process.start(
                 [*self.command, "--api-sock", str(vm.api_socket), "--id",
                  instance_id(vm.vm_id), *logger],
                 vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
@@ -426,11 +426,12 @@ class FirecrackerRuntime(Runtime):
             metrics_file = Path(JAILED_METRICS_FILE)
             logger = ["--log-path", JAILED_LOG_FILE, "--level", "Info"]
             # The jailer drops to the uid itself; the agent only moves it into the cgroup.
-            ref = await process.spawn(
+            started = await process.start(
                 jailer.argv(jail_id, self.binary, confinement, logger),
                 vm.console_log, cwd=vm.path, hypervisor_log=vm.hypervisor_log,
                 exit_file=vm.exit_status_file,
                 confinement=Confinement(cgroup_procs=confinement.cgroup_procs))
+        ref = started.ref
         self._record(vm, ref)
         self._samples.pop(vm.path, None)
         try:
@@ -446,6 +447,8 @@ class FirecrackerRuntime(Runtime):
                 if config.mmds is not None:
                     await api.put_mmds_config(config.mmds_interfaces)
                     await api.put_mmds(config.mmds)
+            # Configured while it was being moved into its cgroup; there before it boots.
+            await started.confined
         except BaseException:
             # A half-configured process is of no use: leave nothing behind.
             await process.kill(ref)
