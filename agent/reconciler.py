@@ -306,8 +306,9 @@ class Reconciler:
         before any process starts, as the files may have changed since preflight) and
         resolved, managed TAPs made and named."""
         desired = self._with_allowed_paths(self.state.vm(vm_id), desired)
-        if self.network is None:
-            return desired
+        if self.network is None or not desired.config.network:
+            self.nics.pop(vm_id, None)
+            return desired  # no TAP to make: no trip to the network thread
         runnable = agent_pb2.DesiredVm()
         runnable.CopyFrom(desired)
         runnable.config.CopyFrom(await self.network.attach(
