@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+# Plain HTTP on a local socket never uses TLS, but httpx builds a context for every client
+# unless given one: ~30 ms with the CA bundle, 0.3 ms even without. One, never used, for all.
+_UNUSED_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 @dataclass(frozen=True)
@@ -27,9 +32,7 @@ class UnixHttpClient:
     def __init__(self, socket_path: Path, timeout: float = 10.0) -> None:
         self.socket_path = socket_path
         self._client = httpx.AsyncClient(
-            # Plain HTTP on a local socket: verify=False skips building a TLS context with
-            # the CA bundle, which would cost ~30 ms per client for nothing.
-            transport=httpx.AsyncHTTPTransport(uds=str(socket_path), verify=False),
+            transport=httpx.AsyncHTTPTransport(uds=str(socket_path), verify=_UNUSED_TLS),
             base_url="http://localhost",
             timeout=timeout,
         )
