@@ -180,6 +180,8 @@ def test_simulated_hypervisors_run_as_their_own_uid_in_a_limited_cgroup(
         config = simulator_config(files, vcpus)
         jailed_cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id=vm_id, config=config,
                                                            backend=backend))
+        # Confined once created, not only once booted (the move may end after the start).
+        assert_jailed(jailed_cluster, vm_id, vcpus, 512 * MIB)
         jailed_cluster.vms.BootVm(vm_pb2.BootVmRequest(vm_id=vm_id))
         dirs[vm_id] = assert_jailed(jailed_cluster, vm_id, vcpus, 512 * MIB)
         pid = hypervisor_pid(jailed_cluster, vm_id)

@@ -600,10 +600,11 @@ class CloudHypervisorRuntime(Runtime):
         if gdb_socket:
             argv += ["--gdb", f"path={gdb_socket}"]
         # Its stdout is the guest's serial port (mode Tty); its log and stderr go apart.
-        ref = await process.spawn(argv, vm.console_log, cwd=vm.path,
-                                  hypervisor_log=vm.hypervisor_log,
-                                  exit_file=vm.exit_status_file,
-                                  confinement=Confinement.load(vm))
+        started = await process.start(argv, vm.console_log, cwd=vm.path,
+                                      hypervisor_log=vm.hypervisor_log,
+                                      exit_file=vm.exit_status_file,
+                                      confinement=Confinement.load(vm))
+        ref = started.ref
         max_memory = max(config.memory.max_size_bytes, config.memory.size_bytes)
         self.save_process(vm, ref, phase=PHASE_CREATED, booted_at=0,
                           max_memory_bytes=max_memory,
@@ -611,7 +612,9 @@ class CloudHypervisorRuntime(Runtime):
         try:
             await process.wait_for_socket(vm.api_socket, ref, self.settings.socket_timeout)
             await self._await_api(vm)
-        except (RuntimeError, TimeoutError, RuntimeFailure) as e:
+            # Started while being moved into its cgroup; there before it is given a VM.
+            await started.confined
+        except (RuntimeError, TimeoutError, RuntimeFailure, OSError) as e:
             await process.kill(ref)
             vm.api_socket.unlink(missing_ok=True)
             vm.clear_runtime()
