@@ -36,7 +36,7 @@ from controller.wire import undecodable
 from vmm.agent.v1 import agent_pb2, agent_pb2_grpc
 from vmm.common import failpoints
 from vmm.store.v1 import records_pb2
-from vmm.v1 import host_pb2, vm_pb2
+from vmm.v1 import host_pb2
 
 log = logging.getLogger(__name__)
 
@@ -518,20 +518,17 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             if same_status(cached.record, new):
                 return  # nothing new (a re-registering agent reports all its VMs)
 
-            # The state the write replaced: change() may run more than once (a retry on a
-            # fresher copy), so the transition is counted once it is written.
-            replaced: list[vm_pb2.VmState.ValueType] = []
-
             def change(record: records_pb2.VmRecord) -> bool:
-                replaced.clear()
                 if record.host_id != session.host_id or same_status(record, new):
                     return False
-                replaced.append(record.status.state)
                 record.status.CopyFrom(new)
                 return True
 
-            # Those waiting for the report (an RPC's answer) need not wait for its write.
+            # Those waiting for the report (an RPC's answer) need not wait for its write, and
+            # the state it reports counts from now, as the cache shows it from now.
             self.cache.note_report(status.vm_id, new)
+            if cached.record.status.state != new.state:
+                self.telemetry.vm_state_changed(cached.record.status.state, new.state)
             try:
                 stored = await self._status_store.write(session.host_id, status.vm_id, change,
                                                         known=cached)
@@ -540,8 +537,6 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                     self.cache.note_write(stored)
             finally:
                 self.cache.report_recorded(status.vm_id)
-            if stored is not None and replaced and replaced[0] != new.state:
-                self.telemetry.vm_state_changed(replaced[0], new.state)
 
     def host_of(self, host_id: str) -> AgentSession | None:
         return self.sessions.get(host_id)
