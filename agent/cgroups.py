@@ -161,6 +161,15 @@ def _rmdir(path: Path) -> bool:
     return True
 
 
+def self_join_files(procs_files: list[Path]) -> list[Path] | None:
+    """The cgroup v1 `tasks` files beside these cgroup.procs files, or None where a group has
+    none (cgroup v2). A single-threaded process writing "0" there moves itself, and a thread
+    moving itself spares the kernel the threadgroup lock, whose first taking after a quiet
+    spell waits for an RCU grace period; v2's cgroup.threads serves threaded subtrees only."""
+    tasks = [path.with_name("tasks") for path in procs_files]
+    return tasks if tasks and all(path.exists() for path in tasks) else None
+
+
 def move(pid: int, procs_files: list[Path]) -> None:
     """Move a process, all its threads, into a group (its cgroup.procs files)."""
     for path in procs_files:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from agent import cgroups
 from agent.jail import Confinement
 from vmm.common import failpoints
 
@@ -80,11 +81,20 @@ async def start(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
                 env: dict[str, str] | None = None, hypervisor_log: Path | None = None,
                 exit_file: Path | None = None,
                 confinement: Confinement | None = None) -> Started:
-    """What spawn() does, returning as soon as the process is known, while it is still being
-    moved into its cgroup: the first move after a quiet spell waits for an RCU grace period
-    (cgroup v1 takes milliseconds), time the process can spend starting up. The caller
+    """What spawn() does, returning as soon as the process is known.
+
+    Under a waiter on cgroup v1 the waiter joins the cgroup itself before it starts argv,
+    which is then born there. Otherwise the agent moves the process by pid, and the first
+    such move after a quiet spell waits for an RCU grace period (12 ms and more here): this
+    returns while the move is under way, time the process can spend starting up. The caller
     awaits `confined` before the process runs anything of the guest's."""
-    proc = _launch(argv, console_log, cwd, env, hypervisor_log, exit_file, confinement)
+    joins = _self_joins(exit_file, confinement)
+    proc = _launch(argv, console_log, cwd, env, hypervisor_log, exit_file, confinement, joins)
+    if joins:
+        child = await _waiters_child(proc)
+        joined = asyncio.get_running_loop().create_future()
+        joined.set_result(None)
+        return Started(ProcessRef(child.pid, child.create_time(), str(exit_file)), joined)
     # So that what it starts starts there. In a thread: the agent's other VMs and
     # heartbeats must not wait for the grace period either.
     moving = asyncio.ensure_future(asyncio.to_thread(_enter_cgroup, proc, proc.pid, confinement))
@@ -111,6 +121,13 @@ async def start(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
     return Started(ProcessRef(child.pid, child.create_time(), str(exit_file)), confined)
 
 
+def _self_joins(exit_file: Path | None, confinement: Confinement | None) -> list[Path]:
+    """The cgroup files the waiter writes itself into, or none when the agent moves it."""
+    if exit_file is None or confinement is None or not confinement.cgroup_procs:
+        return []
+    return cgroups.self_join_files([Path(p) for p in confinement.cgroup_procs]) or []
+
+
 def _retrieve(future: asyncio.Future[None]) -> None:
     """Consume the outcome of a move nobody awaits any more (its process is being killed)."""
     if not future.cancelled():
@@ -119,15 +136,19 @@ def _retrieve(future: asyncio.Future[None]) -> None:
 
 def _launch(argv: Sequence[str], console_log: Path, cwd: Path | None,
             env: dict[str, str] | None, hypervisor_log: Path | None, exit_file: Path | None,
-            confinement: Confinement | None) -> subprocess.Popen[bytes]:
-    """The process spawn() starts: argv itself, or its waiter."""
+            confinement: Confinement | None, joins: Sequence[Path] = ()
+            ) -> subprocess.Popen[bytes]:
+    """The process spawn() starts: argv itself, or its waiter (joining the cgroup files
+    `joins` first)."""
     console_log.parent.mkdir(parents=True, exist_ok=True)
     command = list(argv)
     if confinement is not None:
         command = [*confinement.drop_privileges(), *command]
     if exit_file is not None:
         exit_file.unlink(missing_ok=True)
-        command = [sys.executable, "-I", "-S", WAITER, str(exit_file), *command]
+        command = [sys.executable, "-I", "-S", WAITER,
+                   *(arg for path in joins for arg in ("--join", str(path))),
+                   str(exit_file), *command]
     with open(console_log, "ab", buffering=0) as out, \
             open(hypervisor_log or os.devnull, "ab", buffering=0) as err:
         proc = subprocess.Popen(

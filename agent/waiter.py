@@ -1,8 +1,10 @@
 """The parent of one hypervisor process, which records how it ended.
 
-Run by the agent as `python -I -S waiter.py EXIT_FILE ARGV...` in a session of its own:
-it starts ARGV as its only child, waits for it and writes "PID STATUS" to EXIT_FILE
-(STATUS as subprocess reports it: the exit code, or minus the signal that killed it).
+Run by the agent as `python -I -S waiter.py [--join TASKS_FILE]... EXIT_FILE ARGV...` in a
+session of its own: it writes itself into each cgroup v1 TASKS_FILE (so that its child is
+born in the VM's cgroup; it exits 126 should one refuse it), starts ARGV as its only child,
+waits for it and writes "PID STATUS" to EXIT_FILE (STATUS as subprocess reports it: the exit
+code, or minus the signal that killed it).
 Only a process's parent can learn its exit status, and a hypervisor outlives the agent
 that started it (kill -9 included); this waiter outlives the agent too, so an agent that
 adopted the hypervisor after a restart still learns how it died, as conmon and
@@ -15,7 +17,16 @@ import sys
 
 
 def main() -> None:
-    exit_file, argv = sys.argv[1], sys.argv[2:]
+    args = sys.argv[1:]
+    while args[0] == "--join":
+        tasks, args = args[1], args[2:]
+        try:
+            with open(tasks, "w") as f:
+                f.write("0")  # this thread, the only one: not by pid, see agent.cgroups
+        except OSError as e:
+            os.write(2, f"cannot join the cgroup of {tasks}: {e}\n".encode())
+            sys.exit(126)
+    exit_file, argv = args[0], args[1:]
     pid = os.fork()
     if pid == 0:
         try:

@@ -4,18 +4,24 @@ the VM's config implies, sandboxed where the hypervisor can be. Real processes, 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from agent.cgroups import CPU_PERIOD_US, Hierarchy
+from agent import process
+from agent.cgroups import CPU_PERIOD_US, Hierarchy, Limits, VmCgroups
+from agent.jail import Confinement
 from agent.runtimes.qemu.launch import SANDBOX
 from tests.conftest import FAKE_KERNEL
 from tools.fleet.cluster import ROOT, Cluster, wait_until
@@ -296,3 +302,51 @@ def test_firecracker_under_the_jailer_boots_pauses_is_adopted_and_leaves_nothing
     wait_until(lambda: not any(chroot_base.iterdir()), timeout=30,
                what="the chroot base to be empty")
     assert disk.stat().st_uid == 0
+
+
+def test_a_hypervisor_is_born_in_its_cgroup_and_a_refused_join_starts_nothing(
+        tmp_path: Path) -> None:
+    """On cgroup v1 the waiter writes itself into the group before it starts the process
+    (no move by pid, whose lock waits out an RCU grace period); on v2 the agent moves both.
+    Either way the process is in its group once `confined` settles."""
+    hierarchy = Hierarchy.detect()
+    if hierarchy is None:
+        pytest.skip("needs cgroups with the cpu, memory and pids controllers")
+    groups = VmCgroups(hierarchy, "vmm-test", f"born-{os.getpid()}")
+    procs = groups.create("vm", Limits(vcpus=1, memory_bytes=256 * MIB, pids=64))
+    exit_file = tmp_path / "exit"
+
+    async def started_and_confined() -> int:
+        started = await process.start(["sleep", "30"], tmp_path / "console.log",
+                                      exit_file=exit_file,
+                                      confinement=Confinement(cgroup_procs=tuple(map(str, procs))))
+        await started.confined
+        return started.ref.pid
+
+    try:
+        pid = asyncio.run(started_and_confined())
+        try:
+            assert {d.name for d in cgroup_dirs(pid).values()} == {"vm"}
+            waiter = psutil.Process(pid).ppid()
+            joins = Path(f"/proc/{waiter}/cmdline").read_bytes().count(b"--join\0")
+            assert joins == (len(procs) if hierarchy.version == 1 else 0)
+        finally:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: exit_file.exists(), timeout=10, what="the waiter to record the exit")
+        assert groups.remove("vm")
+    finally:
+        for d in hierarchy.dirs(groups.base):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        for d in hierarchy.dirs("vmm-test"):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    exit_file.unlink()
+    refused = subprocess.run(
+        [sys.executable, "-I", "-S", str(ROOT / "agent" / "waiter.py"),
+         "--join", str(tmp_path / "no-such-group" / "tasks"), str(exit_file), "true"],
+        capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 126
+    assert "cannot join the cgroup" in refused.stderr
+    assert not exit_file.exists(), "nothing started, so no exit to record"
