@@ -529,6 +529,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             self.cache.note_report(status.vm_id, new)
             if cached.record.status.state != new.state:
                 self.telemetry.vm_state_changed(cached.record.status.state, new.state)
+            failpoints.hit("controller.status.noted", status.vm_id)
             try:
                 stored = await self._status_store.write(session.host_id, status.vm_id, change,
                                                         known=cached)

@@ -237,6 +237,8 @@ CONTROLLER_CASES = [
     Case("create", "controller.status.applied"),
     Case("boot", "controller.vm.mutated"),
     Case("boot", "controller.desired.pushed"),
+    # The RPC's waiter is woken by the report, the write of it never made.
+    Case("boot", "controller.status.noted"),
     Case("delete", "controller.vm.deleted"),
 ]
 

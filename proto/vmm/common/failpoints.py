@@ -47,6 +47,7 @@ CONTROLLER_POINTS: dict[str, str] = {
     "controller.create.committed": "a new VM and its allocation committed, no answer yet",
     "controller.vm.mutated": "a VM record's change committed, nothing sent yet",
     "controller.desired.pushed": "a desired state queued to the host's agent",
+    "controller.status.noted": "an agent's report shown by this replica, not yet written",
     "controller.status.applied": "an agent's report written to the VM record",
     "controller.vm.deleted": "a VM record deleted and its allocation released",
 }
