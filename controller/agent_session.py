@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 from controller.access import Caller
+from controller.preflights import PassedPreflights
 from vmm.agent.v1 import agent_pb2
 from vmm.v1 import host_pb2, vm_pb2
 
@@ -35,6 +36,8 @@ class AgentSession:
         # Who opened the stream; set when its credential is withdrawn (the stream ends).
         self.caller: Caller | None = None
         self.revoked = False
+        # What its agent passed in preflight a moment ago (a new session asks afresh).
+        self.preflights = PassedPreflights()
         self._ids = itertools.count(1)
 
     def send(self, message: agent_pb2.ConnectResponse) -> None:

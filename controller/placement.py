@@ -196,6 +196,9 @@ class Placer:
         session = self.ops.hub.host_of(choice.host.host_id)
         if session is None:
             return  # connected to another controller replica; the agent checks again at create
+        backend = choice.backend.name
+        if session.preflights.passed(backend, config):
+            return  # passed a moment ago (controller.preflights); checked again at create
         raise_for_reply(await self.ops.call(session, agent_pb2.Request(
-            preflight=agent_pb2.PreflightRequest(vm_id=vm_id, config=config,
-                                                 backend=choice.backend.name))))
+            preflight=agent_pb2.PreflightRequest(vm_id=vm_id, config=config, backend=backend))))
+        session.preflights.note_passed(backend, config)

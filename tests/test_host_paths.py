@@ -142,3 +142,26 @@ def test_policy_resolves_links_and_allows_listed_devices_only(tmp_path: Path) ->
             policy.resolve(path, use)
     with pytest.raises(PathRefused):
         HostPathPolicy.of([str(root)]).resolve(device, Use.READ)
+
+
+def test_a_file_gone_after_its_config_passed_preflight_is_refused_at_create_and_undone(
+        cluster: Cluster, example: Callable[[str], vm_pb2.VmConfig], tmp_path: Path) -> None:
+    """The controller reuses a pass for the same config a moment later; the agent's own check
+    at create, before anything starts, still refuses a file removed meanwhile."""
+    root = tmp_path / "files"
+    cluster.add_agent("h1", backends="firecracker", host_path_roots=[root])
+    config = example("lambda-function")
+    cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="first", config=config))
+    Path(config.boot.kernel_path).unlink()
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.vms.CreateVm(vm_pb2.CreateVmRequest(vm_id="second", config=config))
+    # Refused by preflight if the pass has lapsed, else by the create: named either way.
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "config.boot.kernel_path" in err.value.details()
+    with pytest.raises(grpc.RpcError) as gone:
+        cluster.vms.GetVmInfo(vm_pb2.GetVmInfoRequest(vm_id="second"))
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = cluster.vms.ListVms(vm_pb2.ListVmsRequest())
+    assert [vm.vm_id for vm in listed.vms] == ["first"]
+    wait_until(lambda: not (tmp_path / "agent-h1" / "vms" / "second").exists(), timeout=30,
+               what="the agent to remove what the refused create left")
