@@ -90,26 +90,24 @@ async def start(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
     awaits `confined` before the process runs anything of the guest's."""
     joins = _self_joins(exit_file, confinement)
     proc = _launch(argv, console_log, cwd, env, hypervisor_log, exit_file, confinement, joins)
-    if joins:
-        child = await _waiters_child(proc)
-        joined = asyncio.get_running_loop().create_future()
-        joined.set_result(None)
-        return Started(ProcessRef(child.pid, child.create_time(), str(exit_file)), joined)
-    # So that what it starts starts there. In a thread: the agent's other VMs and
-    # heartbeats must not wait for the grace period either.
-    moving = asyncio.ensure_future(asyncio.to_thread(_enter_cgroup, proc, proc.pid, confinement))
+    by_agent = bool(confinement and confinement.cgroup_procs) and not joins
+    moving: asyncio.Future[None]
+    if by_agent:
+        # So that what it starts starts there. In a thread: the agent's other VMs and
+        # heartbeats must not wait for the grace period either.
+        moving = asyncio.ensure_future(
+            asyncio.to_thread(_enter_cgroup, proc, proc.pid, confinement))
+    else:
+        moving = asyncio.get_running_loop().create_future()
+        moving.set_result(None)
+    # A caller that fails before awaiting it (its process is being killed) leaves it be.
+    moving.add_done_callback(_retrieve)
     if exit_file is None:
-        try:
-            ref = ProcessRef(proc.pid, psutil.Process(proc.pid).create_time())
-        except BaseException:
-            moving.add_done_callback(_retrieve)
-            raise
+        return Started(ProcessRef(proc.pid, psutil.Process(proc.pid).create_time()), moving)
+    child = await _waiters_child(proc)
+    ref = ProcessRef(child.pid, child.create_time(), str(exit_file))
+    if not by_agent:
         return Started(ref, moving)
-    try:
-        child = await _waiters_child(proc)
-    except BaseException:
-        moving.add_done_callback(_retrieve)
-        raise
 
     async def confine_child() -> None:
         await moving
@@ -118,7 +116,7 @@ async def start(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
 
     confined = asyncio.ensure_future(confine_child())
     confined.add_done_callback(_retrieve)
-    return Started(ProcessRef(child.pid, child.create_time(), str(exit_file)), confined)
+    return Started(ref, confined)
 
 
 def _self_joins(exit_file: Path | None, confinement: Confinement | None) -> list[Path]:
@@ -129,7 +127,7 @@ def _self_joins(exit_file: Path | None, confinement: Confinement | None) -> list
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
-    """Consume the outcome of a move nobody awaits any more (its process is being killed)."""
+    """Consume the outcome of a move, so that one nobody awaited is not reported as lost."""
     if not future.cancelled():
         future.exception()
 

@@ -7,11 +7,21 @@ from __future__ import annotations
 import asyncio
 
 from controller.etcd import EtcdClient
-from controller.store import Store
+from controller.store import CreateResult, Store
 from controller.vm_cache import VmCache
 from vmm.agent.v1 import agent_pb2
 from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2
+
+
+async def create_one(store: Store, vm_id: str) -> CreateResult:
+    """A VM of one vCPU on host h1, committed as a placement commits it."""
+    record = records_pb2.VmRecord(vm_id=vm_id, host_id="h1", generation=1,
+                                  reserved=host_pb2.Resources(vcpus=1))
+    created = await store.create_vms("h1", [record], await store.get_allocation("h1"),
+                                     records_pb2.Allocation(vm_count=1))
+    assert created.created
+    return created
 
 
 async def test_a_write_overtaken_by_the_deletion_does_not_resurrect_the_vm(
@@ -20,11 +30,7 @@ async def test_a_write_overtaken_by_the_deletion_does_not_resurrect_the_vm(
     cache = VmCache(store)
     await cache.start()
     try:
-        record = records_pb2.VmRecord(vm_id="vm-1", host_id="h1", generation=1,
-                                      reserved=host_pb2.Resources(vcpus=1))
-        created = await store.create_vms("h1", [record], await store.get_allocation("h1"),
-                                         records_pb2.Allocation(vm_count=1))
-        assert created.created
+        await create_one(store, "vm-1")
 
         def bump(r: records_pb2.VmRecord) -> None:
             r.generation += 1
@@ -39,9 +45,7 @@ async def test_a_write_overtaken_by_the_deletion_does_not_resurrect_the_vm(
         assert cache.get("vm-1") is None
         assert cache.on_host("h1") == []
         # A VM created again under that id is seen.
-        again = await store.create_vms("h1", [record], await store.get_allocation("h1"),
-                                       records_pb2.Allocation(vm_count=1))
-        assert again.created
+        again = await create_one(store, "vm-1")
         seen = await cache.wait_for("vm-1", lambda s: s is not None, 10)
         assert seen is not None and seen.revision == again.revision
     finally:
@@ -54,11 +58,7 @@ async def test_a_report_shows_before_its_write_and_only_until_the_write_is_over(
     cache = VmCache(store)
     await cache.start()
     try:
-        record = records_pb2.VmRecord(vm_id="vm-2", host_id="h1", generation=1,
-                                      reserved=host_pb2.Resources(vcpus=1))
-        created = await store.create_vms("h1", [record], await store.get_allocation("h1"),
-                                         records_pb2.Allocation(vm_count=1))
-        assert created.created
+        await create_one(store, "vm-2")
         durable = await cache.wait_for("vm-2", lambda s: s is not None, 10)
         assert durable is not None
         waiting = asyncio.create_task(cache.wait_for(
