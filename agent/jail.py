@@ -23,10 +23,11 @@ import os
 import shutil
 import stat
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 
 from agent import cgroups
+from agent.atomic_file import replace_text
 from agent.cgroups import Limits, VmCgroups
 from agent.vm_dir import StateDir, VmDir
 from vmm.v1 import vm_pb2
@@ -49,6 +50,8 @@ class Confinement:
     # Supplementary groups: the one that may open /dev/kvm.
     groups: tuple[int, ...] = ()
     cgroup_procs: tuple[str, ...] = ()
+    # The limits the cgroup was given: vCPUs, memory bytes, pids.
+    cgroup_limits: tuple[int, ...] = ()
     # Host files handed to the uid: path -> [uid, gid] before, restored on release.
     owners_before: dict[str, list[int]] = field(default_factory=dict)
 
@@ -76,15 +79,14 @@ class Confinement:
             return cls(uid=data.get("uid"), gid=data.get("gid"),
                        groups=tuple(data.get("groups", ())),
                        cgroup_procs=tuple(data.get("cgroup_procs", ())),
+                       cgroup_limits=tuple(data.get("cgroup_limits", ())),
                        owners_before={k: list(v) for k, v in
                                       data.get("owners_before", {}).items()})
         except (OSError, ValueError, AttributeError):
             return cls()
 
     def save(self, vm: VmDir) -> None:
-        tmp = vm.jail_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), sort_keys=True))
-        os.replace(tmp, vm.jail_file)
+        replace_text(vm.jail_file, json.dumps(asdict(self), sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -166,11 +168,17 @@ class HypervisorJail:
         before = Confinement.load(vm)
         uid, gid = self._uid_for(vm.vm_id, before.uid), None
         procs: tuple[str, ...] = ()
+        limits: tuple[int, ...] = ()
         owners = dict(before.owners_before)
         if self.settings.cgroups is not None:
-            created = self.settings.cgroups.create(cgroup_name(vm.vm_id),
-                                                   limits_for(config, self.settings))
-            procs = tuple(str(p) for p in created)
+            wanted = limits_for(config, self.settings)
+            limits = astuple(wanted)
+            if limits == before.cgroup_limits and before.cgroup_procs \
+                    and all(os.path.exists(p) for p in before.cgroup_procs):
+                procs = before.cgroup_procs  # a boot after the create made it so
+            else:
+                procs = tuple(str(p) for p in self.settings.cgroups.create(
+                    cgroup_name(vm.vm_id), wanted))
         if uid is not None:
             gid = self.settings.gid
             for path in writable_files:
@@ -181,8 +189,10 @@ class HypervisorJail:
             _hand_over(_host_files_written(config), uid, gid, owners)
         confinement = Confinement(uid=uid, gid=gid,
                                   groups=self._kvm_groups if uid is not None else (),
-                                  cgroup_procs=procs, owners_before=owners)
-        confinement.save(vm)
+                                  cgroup_procs=procs, cgroup_limits=limits,
+                                  owners_before=owners)
+        if confinement != before:
+            confinement.save(vm)
         return confinement
 
     def hand_over(self, vm: VmDir, disk: vm_pb2.StorageDevice) -> None:

@@ -394,11 +394,19 @@ class Reconciler:
         changed = self.status.get(vm.vm_id) != status
         self.status[vm.vm_id] = status
         # Report first: the controller's caller waits on it, and the file only helps a
-        # restarted agent, which observes the hypervisor again anyway.
+        # restarted agent, which observes the hypervisor again anyway. The file is written
+        # once the loop has handed the report to the stream.
         self.report(status)
-        if changed and vm.exists():
-            vm.save_status(status)
-            failpoints.hit("agent.status.saved", vm.vm_id)
+        if changed:
+            asyncio.get_running_loop().call_soon(self._save_status, vm)
+
+    def _save_status(self, vm: VmDir) -> None:
+        """Record the VM's status as it is now (a later one may have come meanwhile)."""
+        status = self.status.get(vm.vm_id)
+        if status is None or not vm.exists():
+            return  # removed meanwhile: writing would bring its directory back
+        vm.save_status(status)
+        failpoints.hit("agent.status.saved", vm.vm_id)
 
     # ---- restart policy -------------------------------------------------------------
 

@@ -31,14 +31,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from agent.atomic_file import replace_text
 from vmm.agent.v1 import agent_pb2
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 # Steps of the lifecycle, as recorded in the phase file: under way -> finished.
 STEPS = {"creating": "created", "booting": "running", "stopping": "stopped",
@@ -141,7 +135,7 @@ class VmDir:
 
     def save_desired(self, desired: agent_pb2.DesiredVm) -> None:
         self.create()
-        _write_atomically(self.desired_file, json_format.MessageToJson(desired))
+        replace_text(self.desired_file, json_format.MessageToJson(desired))
 
     def load_desired(self) -> agent_pb2.DesiredVm | None:
         try:
@@ -154,7 +148,7 @@ class VmDir:
         kept = agent_pb2.VmStatus()
         kept.CopyFrom(status)
         kept.ClearField("metrics")
-        _write_atomically(self.status_file, json_format.MessageToJson(kept))
+        replace_text(self.status_file, json_format.MessageToJson(kept))
 
     def load_status(self) -> agent_pb2.VmStatus | None:
         try:
@@ -164,7 +158,7 @@ class VmDir:
 
     def save_phase(self, step: str, generation: int) -> None:
         """One small atomic write per step: the step name and the generation it serves."""
-        _write_atomically(self.phase_file, f"{step} {generation}\n")
+        replace_text(self.phase_file, f"{step} {generation}\n")
 
     def load_phase(self) -> Phase | None:
         try:
@@ -175,7 +169,7 @@ class VmDir:
 
     def save_runtime(self, data: dict[str, Any]) -> None:
         self.create()
-        _write_atomically(self.runtime_file, json.dumps(data, indent=1, sort_keys=True))
+        replace_text(self.runtime_file, json.dumps(data, indent=1, sort_keys=True))
 
     def load_runtime(self) -> dict[str, Any]:
         try:
@@ -186,7 +180,7 @@ class VmDir:
 
     def save_console_boot_offset(self, offset: int) -> None:
         self.create()
-        _write_atomically(self.console_boot_file, str(offset))
+        replace_text(self.console_boot_file, str(offset))
 
     def load_console_boot_offset(self) -> int:
         """Where the guest's last boot began in console.log (0 when never recorded)."""

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# First, before anything loads grpc: it reads its I/O setting once, when it loads.
+from vmm.common.grpc_io import prefer_poll_based_io
+
+prefer_poll_based_io()
+
 import asyncio
 import contextlib
 import logging
