@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import apply_deprecated_environment, binary_from_environment, load
+from agent.config import (
+    DEPRECATED_ENV,
+    apply_deprecated_environment,
+    binary_from_environment,
+    load,
+)
 from tools.fleet.cluster import Cluster
 from vmm.v1 import host_pb2
 
@@ -24,7 +29,9 @@ def test_the_agent_reads_its_own_variable(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_the_previous_name_still_works_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("VMM_AGENT_CLOUD_HYPERVISOR_BINARY", raising=False)
+    for old, new in DEPRECATED_ENV.items():  # one warning each: only this one set
+        monkeypatch.delenv(old, raising=False)
+        monkeypatch.delenv(new, raising=False)
     monkeypatch.setenv("VMM_CLOUD_HYPERVISOR_BINARY", "/usr/local/bin/cloud-hypervisor")
     config = load([])
     [warning] = apply_deprecated_environment(config)

@@ -10,6 +10,7 @@ import grpc
 from controller.agent_session import AgentSession
 from controller.api.operations import VmOperations, api_method
 from controller.errors import ApiError, code_from_name, invalid_field
+from controller.etcd import EtcdUnavailable
 from vmm.agent.v1 import agent_pb2
 from vmm.v1 import vm_pb2
 
@@ -25,8 +26,8 @@ class ConsoleRpcs:
 
     ops: VmOperations
 
-    def _session_for(self, vm_id: str) -> AgentSession:
-        record = self.ops.get(vm_id).record
+    async def _session_for(self, vm_id: str) -> AgentSession:
+        record = (await self.ops.get(vm_id)).record
         session = self.ops.hub.host_of(record.host_id)
         if session is None:
             raise ApiError(grpc.StatusCode.UNAVAILABLE,
@@ -39,7 +40,7 @@ class ConsoleRpcs:
         if request.tail_lines < 0:
             raise invalid_field("tail_lines", "must not be negative")
         check_source(request.source)
-        session = self._session_for(request.vm_id)
+        session = await self._session_for(request.vm_id)
         reply = await self.ops.call(session, agent_pb2.Request(
             console_log=agent_pb2.ConsoleLogRequest(vm_id=request.vm_id,
                                                     tail_lines=request.tail_lines,
@@ -54,9 +55,12 @@ class ConsoleRpcs:
                             ) -> AsyncIterator[vm_pb2.StreamConsoleResponse]:
         try:
             check_source(request.source)
-            session = self._session_for(request.vm_id)
+            session = await self._session_for(request.vm_id)
         except ApiError as err:
             await context.abort_with_status(err.to_status())
+            return
+        except EtcdUnavailable as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unreachable: {err}")
             return
         req = agent_pb2.Request(console_stream=agent_pb2.ConsoleStreamRequest(
             vm_id=request.vm_id, tail_lines=request.tail_lines, source=request.source))

@@ -94,7 +94,7 @@ class DeviceRpcs:
     @api_method
     async def ResizeVm(self, request: vm_pb2.ResizeVmRequest,
                        context: grpc.aio.ServicerContext) -> vm_pb2.ResizeVmResponse:
-        record = self.ops.get(request.vm_id).record
+        record = (await self.ops.get(request.vm_id)).record
         violations = []
         if request.vcpu_count < 0:
             violations.append(Violation("vcpu_count", "must not be negative"))
@@ -130,7 +130,7 @@ class DeviceRpcs:
 
         state = await self._hotplug(request.vm_id, key,
                                     agent_pb2.HotplugRequest(resize=request), update)
-        now_cfg = self.ops.get(request.vm_id).record.config
+        now_cfg = (await self.ops.get(request.vm_id)).record.config
         return vm_pb2.ResizeVmResponse(success=True, state=state,
                                        vcpu_count=now_cfg.cpu.vcpu_count,
                                        memory_size_bytes=now_cfg.memory.size_bytes)
@@ -138,7 +138,7 @@ class DeviceRpcs:
     @api_method
     async def AttachDisk(self, request: vm_pb2.AttachDiskRequest,
                          context: grpc.aio.ServicerContext) -> vm_pb2.AttachDiskResponse:
-        record = self.ops.get(request.vm_id).record
+        record = (await self.ops.get(request.vm_id)).record
         check_new_device(validation.check_storage, record.config.storage, request.device,
                          "config.storage", "device", "disk")
 
@@ -152,7 +152,7 @@ class DeviceRpcs:
     @api_method
     async def DetachDisk(self, request: vm_pb2.DetachDiskRequest,
                          context: grpc.aio.ServicerContext) -> vm_pb2.DetachDiskResponse:
-        record = self.ops.get(request.vm_id).record
+        record = (await self.ops.get(request.vm_id)).record
         if not any(d.id == request.device_id for d in record.config.storage):
             raise ApiError(grpc.StatusCode.NOT_FOUND,
                            f"vm {request.vm_id} has no disk "
@@ -169,7 +169,7 @@ class DeviceRpcs:
     async def AttachNetworkInterface(self, request: vm_pb2.AttachNetworkInterfaceRequest,
                                      context: grpc.aio.ServicerContext
                                      ) -> vm_pb2.AttachNetworkInterfaceResponse:
-        record = self.ops.get(request.vm_id).record
+        record = (await self.ops.get(request.vm_id)).record
         check_new_device(validation.check_network, record.config.network, request.interface,
                          "config.network", "interface", "interface")
         nic = vm_pb2.NetworkInterface()
@@ -200,7 +200,7 @@ class DeviceRpcs:
     async def DetachNetworkInterface(self, request: vm_pb2.DetachNetworkInterfaceRequest,
                                      context: grpc.aio.ServicerContext
                                      ) -> vm_pb2.DetachNetworkInterfaceResponse:
-        record = self.ops.get(request.vm_id).record
+        record = (await self.ops.get(request.vm_id)).record
         detached = [n for n in record.config.network if n.id == request.interface_id]
         if not detached:
             raise ApiError(grpc.StatusCode.NOT_FOUND,

@@ -193,7 +193,7 @@ class LifecycleRpcs:
     @idempotent(vm_pb2.DeleteVmResponse, when_gone=vm_pb2.DeleteVmResponse(success=True))
     async def DeleteVm(self, request: vm_pb2.DeleteVmRequest,
                        context: grpc.aio.ServicerContext) -> vm_pb2.DeleteVmResponse:
-        stored = self.ops.get(request.vm_id)
+        stored = await self.ops.get(request.vm_id)
         record = stored.record
         state = self.ops.current_state(record)
         if state in (S.VM_STATE_RUNNING, S.VM_STATE_PAUSED) and not request.force:

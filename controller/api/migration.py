@@ -17,7 +17,7 @@ class MigrationRpcs:
     @api_method
     async def MigrateVm(self, request: vm_pb2.MigrateVmRequest,
                         context: grpc.aio.ServicerContext) -> vm_pb2.MigrateVmResponse:
-        record = self.ops.get(request.vm_id).record
+        record = (await self.ops.get(request.vm_id)).record
         if request.target_backend and request.target_backend != record.backend:
             raise failed_precondition(
                 f"vm {record.vm_id} runs on {record.backend} and cannot be migrated to "

@@ -134,12 +134,17 @@ class VmOperations:
         self.access = access
         self.requests = RequestLog(store, settings.request_id_retention)
 
-    def get(self, vm_id: str) -> StoredVm:
+    async def get(self, vm_id: str) -> StoredVm:
         """The VM, if the caller may see its namespace: one of another namespace is
-        NOT_FOUND, exactly as if it did not exist."""
+        NOT_FOUND, exactly as if it did not exist. One this replica's watch has not
+        brought yet (created through another replica a moment ago) is read from etcd, so
+        that a client finds what it created wherever it asks next."""
         if violations := validation.check_vm_id_lookup(vm_id):
             raise invalid(violations)
         stored = self.cache.get(vm_id)
+        if stored is None and (found := await self.store.get_vm(vm_id)) is not None:
+            self.cache.note_write(found)
+            stored = self.cache.get(vm_id)  # None if the watch has seen it deleted since
         if stored is None or not current_caller().may_see(namespace_of(stored.record)):
             raise not_found(vm_id)
         return stored
@@ -205,7 +210,7 @@ class VmOperations:
         """The VM's record once no change of it is under way. A generation its agent has not
         carried out yet (a create not yet reported, a boot in progress) is waited for, not
         refused: the state it would be refused for is about to change."""
-        stored = self.get(vm_id)
+        stored = await self.get(vm_id)
         record = stored.record
         if record.status.observed_generation >= record.generation or record.deleting \
                 or not self.fleet.host_connected(record.host_id):

@@ -45,7 +45,7 @@ class ReadRpcs:
     @api_method
     async def GetVmInfo(self, request: vm_pb2.GetVmInfoRequest,
                         context: grpc.aio.ServicerContext) -> vm_pb2.GetVmInfoResponse:
-        record = self.ops.get(request.vm_id).record
+        record = (await self.ops.get(request.vm_id)).record
         session = self.ops.hub.host_of(record.host_id)
         metrics = session.vm_metrics.get(record.vm_id) if session else None
         return vm_pb2.GetVmInfoResponse(
