@@ -151,21 +151,29 @@ class Placer:
                                             f"config.storage[{first}]; an image written by "
                                             "one disk cannot be another"))
                 continue
-            users = {other: (writable, self._namespace_of(other))
-                     for other, writable in self.ops.cache.users_of_disk(host_id,
-                                                                         disk.path).items()}
-            users.update(self._disk_claims.get((host_id, disk.path), {}))
-            for other, (writable, other_namespace) in sorted(users.items()):
-                if other != vm_id and (writable or not disk.read_only):
-                    who = (f"VM {other!r}" if other_namespace == namespace
-                           else "a VM of another namespace")
-                    violations.append(Violation(field_path, (
-                        f"{disk.path!r} on host {host_id} is already "
-                        f"{'written' if writable else 'read'} by {who}; two VMs cannot share "
-                        "an image one of them writes")))
-                    break
+            if (conflict := self.disk_conflict(host_id, vm_id, namespace, disk,
+                                               field_path)) is not None:
+                violations.append(conflict)
         if violations:
             raise invalid(violations)
+
+    def disk_conflict(self, host_id: str, vm_id: str, namespace: str,
+                      disk: vm_pb2.StorageDevice, field_path: str) -> Violation | None:
+        """Whether another VM on the host uses the disk's image in a way this one may not
+        share: it writes it, or this disk would."""
+        users = {other: (writable, self._namespace_of(other))
+                 for other, writable in self.ops.cache.users_of_disk(host_id,
+                                                                     disk.path).items()}
+        users.update(self._disk_claims.get((host_id, disk.path), {}))
+        for other, (writable, other_namespace) in sorted(users.items()):
+            if other != vm_id and (writable or not disk.read_only):
+                who = (f"VM {other!r}" if other_namespace == namespace
+                       else "a VM of another namespace")
+                return Violation(field_path, (
+                    f"{disk.path!r} on host {host_id} is already "
+                    f"{'written' if writable else 'read'} by {who}; two VMs cannot share "
+                    "an image one of them writes"))
+        return None
 
     def _namespace_of(self, vm_id: str) -> str:
         stored = self.ops.cache.get(vm_id)

@@ -183,6 +183,35 @@ def test_resize_within_max_vcpu_count_and_refusal_beyond_it(
 # ---- device hotplug ---------------------------------------------------------------------
 
 
+def test_a_hot_added_disk_may_not_share_an_image_one_of_them_writes(
+        vms: Vms, example: Callable[[str], vm_pb2.VmConfig], tmp_path: Path) -> None:
+    """AttachDisk refuses what CreateVm refuses: an image another disk of the VM, or
+    another VM on the host, would share with a writer. Nothing changes."""
+    vms.create("writer", example("production-workload"))
+    config = example("production-workload")
+    for i, disk in enumerate(config.storage):  # images of its own
+        disk.path = str(tmp_path / f"other-{i}.img")
+        Path(disk.path).write_bytes(b"\0" * 4096)
+    vms.create("other", config)
+    theirs = vms.info("writer").config.storage[0]
+    own = vms.info("other").config.storage[0]
+    before = [d.id for d in vms.info("other").config.storage]
+    for path, read_only, named in ((theirs.path, True, "'writer'"),
+                                   (own.path, False, "config.storage[0]")):
+        err = refused(lambda p=path, r=read_only: vms.api.AttachDisk(vm_pb2.AttachDiskRequest(
+            vm_id="other", device=vm_pb2.StorageDevice(id="shared", path=p, read_only=r))))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "device.path" in err.details() and named in err.details()
+    assert [d.id for d in vms.info("other").config.storage] == before
+    assert "shared" not in {d["id"] for d in vms.running("other")["disks"]}
+    # Read-only beside read-only is fine.
+    image = tmp_path / "shared.img"
+    image.write_bytes(b"\0" * 4096)
+    for vm_id in ("writer", "other"):
+        assert vms.api.AttachDisk(vm_pb2.AttachDiskRequest(vm_id=vm_id, device=vm_pb2.StorageDevice(
+            id="shared", path=str(image), read_only=True))).success
+
+
 def test_attach_and_detach_disk_and_nic_on_a_running_vm(
         vms: Vms, example: Callable[[str], vm_pb2.VmConfig], tmp_path: Path) -> None:
     vms.create("hotplug", example("production-workload"))

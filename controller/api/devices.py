@@ -17,6 +17,8 @@ from controller.errors import (
     invalid_field,
 )
 from controller.networks import Networks
+from controller.placement import Placer
+from controller.vm_cache import namespace_of
 from vmm.agent.v1 import agent_pb2
 from vmm.store.v1 import records_pb2
 from vmm.v1 import vm_pb2
@@ -56,6 +58,7 @@ class DeviceRpcs:
 
     ops: VmOperations
     networks: Networks
+    placer: Placer
 
     async def _hotplug(self, vm_id: str, feature_key: str,
                        request: agent_pb2.HotplugRequest,
@@ -141,6 +144,7 @@ class DeviceRpcs:
         record = (await self.ops.get(request.vm_id)).record
         check_new_device(validation.check_storage, record.config.storage, request.device,
                          "config.storage", "device", "disk")
+        self._refuse_shared_image(record, request.device)
 
         def update(r: records_pb2.VmRecord) -> None:
             r.config.storage.append(request.device)
@@ -148,6 +152,21 @@ class DeviceRpcs:
         state = await self._hotplug(request.vm_id, "storage.hotplug",
                                     agent_pb2.HotplugRequest(attach_disk=request.device), update)
         return vm_pb2.AttachDiskResponse(success=True, state=state)
+
+    def _refuse_shared_image(self, record: records_pb2.VmRecord,
+                             disk: vm_pb2.StorageDevice) -> None:
+        """What CreateVm refuses of a config's disks (see Placer.disk_conflict), for a disk
+        plugged into a VM that runs: an image one of the two would write, whether the other
+        is a disk of this VM or of another VM on its host."""
+        for i, own in enumerate(record.config.storage):
+            if own.path == disk.path and not (own.read_only and disk.read_only):
+                raise invalid_field("device.path", f"{disk.path!r} is already "
+                                    f"config.storage[{i}] of vm {record.vm_id}; an image "
+                                    "written by one disk cannot be another")
+        conflict = self.placer.disk_conflict(record.host_id, record.vm_id,
+                                             namespace_of(record), disk, "device.path")
+        if conflict is not None:
+            raise invalid([conflict])
 
     @api_method
     async def DetachDisk(self, request: vm_pb2.DetachDiskRequest,
