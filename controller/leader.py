@@ -7,6 +7,8 @@ elected leader runs fleet-wide housekeeping, so that it is done once:
   fencing timeout) is forgotten: its record deleted, its resources given back. Until
   then they stay reserved, since the VM may still run there; the agent removes the VM
   itself when it reconnects and finds it no longer desired.
+- an address taken for a NIC that no VM has, long after it was taken (its create died
+  before storing the VM), is given back (controller.networks).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 
 from controller.etcd import EtcdError
 from controller.fleet import Fleet
+from controller.networks import Networks
 from controller.store import Store
 from controller.vm_cache import VmCache
 
@@ -27,7 +30,8 @@ ELECTION = "controller-leader"
 
 class Leadership:
     def __init__(self, store: Store, fleet: Fleet, cache: VmCache, identity: str,
-                 lease_ttl: int = 5, interval: float = 2.0, forget_after: float = 60.0) -> None:
+                 lease_ttl: int = 5, interval: float = 2.0, forget_after: float = 60.0,
+                 networks: Networks | None = None) -> None:
         self.store = store
         self.cache = cache
         self.fleet = fleet
@@ -35,6 +39,7 @@ class Leadership:
         self.lease_ttl = lease_ttl
         self.interval = interval
         self.forget_after = forget_after
+        self.networks = networks
         self.is_leader = False
         # host id -> when this leader first saw it down.
         self._down_since: dict[str, float] = {}
@@ -80,8 +85,12 @@ class Leadership:
                     await self.store.etcd.resign(leader)
 
     async def housekeeping(self) -> None:
-        """Finish the deletions whose host stayed away past the fencing timeout. Reads the
-        cache's records marked for deletion only, never the whole fleet."""
+        """Finish the deletions whose host stayed away past the fencing timeout (reading the
+        cache's records marked for deletion only, never the whole fleet), and give back the
+        addresses left behind."""
+        if self.networks is not None:
+            self.networks.prune()
+            await self.networks.reclaim_left_behind()
         alive = self.fleet.alive_hosts()
         now = time.monotonic()
         for host in list(self._down_since):

@@ -67,7 +67,7 @@ class Controller:
             removal_retry_interval=config.removal_retry_interval)
         self.fleet = Fleet(self.store, self.hub)
         self.hub.on_host_change = self.fleet.refresh
-        self.networks = Networks(self.store)
+        self.networks = Networks(self.store, self.cache)
         self.vms = VmService(self.store, self.cache, self.hub, self.fleet, self.telemetry,
                              VmServiceSettings(
                                  operation_timeout=config.operation_timeout,
@@ -78,7 +78,7 @@ class Controller:
         self.leadership = Leadership(
             self.store, self.fleet, self.cache,
             config.identity or f"{socket.gethostname()}:{config.listen}",
-            forget_after=config.forget_deleted_after)
+            forget_after=config.forget_deleted_after, networks=self.networks)
         self.health = health.aio.HealthServicer()
         self.telemetry.register_collector(
             ControllerCollector.for_fleet(self.hub, self.cache, self.fleet))

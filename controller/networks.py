@@ -10,25 +10,40 @@ compare fails and it tries the next free one. Each replica picks from memory (th
 keys plus its own commits in flight), starting at a random place, so concurrent replicas
 seldom even collide. A VM's addresses are deleted in the transaction that deletes the VM
 (`Store.delete_vm`).
+
+An address is taken before its VM (or its hot-added NIC) is stored: a controller killed in
+between leaves it taken by nobody. Each replica notes the addresses whose NIC is on no VM
+it knows; one still on none after ORPHAN_GRACE is left behind, and the leader gives it back
+(`reclaim_left_behind`), with a compare that neither the address nor the VM changed since.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import random
 import re
+import time
 from collections.abc import Iterable
 
 from controller.errors import Violation
 from controller.etcd import Compare, GetResult, KeyValue, Op
 from controller.etcd.mirror import PrefixMirror
 from controller.store import Store
+from controller.vm_cache import VmCache
 from vmm.v1 import network_pb2, vm_pb2
+
+log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 BRIDGE_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 # Candidates tried before giving up on a network that keeps changing under us.
 MAX_ALLOCATION_ATTEMPTS = 64
+# Seconds an address may be held for a NIC no stored VM has before it counts as left behind:
+# far longer than a create or a hot-add takes from taking it to storing the VM.
+ORPHAN_GRACE = 120.0
+# Left-behind addresses given back per housekeeping pass.
+RECLAIM_BATCH = 64
 
 
 class NetworkFull(Exception):
@@ -72,8 +87,16 @@ def check_network(network: network_pb2.Network, prefix: str = "network") -> list
 class Networks:
     """This replica's view of the fleet's networks and their taken addresses."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, cache: VmCache | None = None,
+                 orphan_grace: float = ORPHAN_GRACE) -> None:
         self.store = store
+        # The VMs, to tell an address in use from one left behind; None tracks nothing.
+        self.cache = cache
+        self.orphan_grace = orphan_grace
+        # Address keys (network/ip) held for a NIC on no VM known here: owner, mod_revision
+        # and when first seen, oldest first; and those still so after the grace.
+        self._unconfirmed: dict[str, tuple[str, int, float]] = {}
+        self.left_behind: dict[str, tuple[str, int]] = {}
         self.etcd = store.etcd
         self.prefix = store.prefix + "networks/"
         self.networks: dict[str, network_pb2.Network] = {}
@@ -115,11 +138,72 @@ class Networks:
         parsed = self._split(key)
         if parsed:
             self.taken.setdefault(parsed[0], set()).add(parsed[1])
+        self._unconfirmed.pop(key, None)
+        self.left_behind.pop(key, None)
+        owner = kv.value.decode(errors="replace")
+        if self.cache is not None and self._holder(key, owner) is None:
+            self._unconfirmed[key] = (owner, kv.mod_revision, time.monotonic())
 
     def _address_deleted(self, key: str) -> None:
         parsed = self._split(key)
         if parsed:
             self.taken.get(parsed[0], set()).discard(parsed[1])
+        self._unconfirmed.pop(key, None)
+        self.left_behind.pop(key, None)
+
+    # ---- addresses left behind ------------------------------------------------------
+
+    def _holder(self, key: str, owner: str) -> int | None:
+        """The revision of the owner's VM record if one of its NICs has this address."""
+        assert self.cache is not None
+        stored = self.cache.get(owner.partition("/")[0])
+        if stored is None:
+            return None
+        name, _, ip = key.partition("/")
+        held = any(nic.network == name and nic.ip_address.split("/")[0] == ip
+                   for nic in stored.record.config.network)
+        return stored.revision if held else None
+
+    def prune(self, now: float | None = None) -> None:
+        """Forget the noted addresses their VM now holds; those past the grace that none
+        holds are left behind."""
+        if self.cache is None:
+            return
+        now = time.monotonic() if now is None else now
+        while self._unconfirmed:
+            key, (owner, revision, seen) = next(iter(self._unconfirmed.items()))
+            if now - seen < self.orphan_grace:
+                return
+            del self._unconfirmed[key]
+            if self._holder(key, owner) is None:
+                self.left_behind[key] = (owner, revision)
+
+    async def reclaim_left_behind(self) -> int:
+        """Give back addresses left behind, a batch at a time (the leader's housekeeping).
+        Each goes only if neither it nor its owner's VM record changed since it was judged."""
+        assert self.cache is not None
+        reclaimed = 0
+        for key, (owner, revision) in list(self.left_behind.items())[:RECLAIM_BATCH]:
+            del self.left_behind[key]
+            vm_id = owner.partition("/")[0]
+            if self._holder(key, owner) is not None:
+                continue
+            stored = self.cache.get(vm_id)
+            vm_key = self.store.vm_key(vm_id)
+            address_key = self.store.address_prefix + key
+            result = await self.etcd.txn(
+                compares=[Compare.mod_revision(address_key) == revision,
+                          Compare.absent(vm_key) if stored is None
+                          else Compare.mod_revision(vm_key) == stored.revision],
+                success=[Op.delete(address_key)], failure=[])
+            if result.succeeded:
+                reclaimed += 1
+                self._address_deleted(key)
+                log.info("gave back address %s: held for %s, which no VM has", key, owner)
+            elif self.cache.get(vm_id) is not None:
+                # The VM changed meanwhile: judge the address again after another grace.
+                self._unconfirmed[key] = (owner, revision, time.monotonic())
+        return reclaimed
 
     # ---- networks -----------------------------------------------------------------
 
@@ -171,6 +255,7 @@ class Networks:
 
     async def allocate(self, name: str, owner: str) -> ipaddress.IPv4Interface:
         """Take a free address of the network for owner ("<vm_id>/<nic_id>")."""
+        self.prune()
         network = self.networks[name]
         subnet = ipaddress.IPv4Network(network.cidr)
         reserved = {int(ipaddress.IPv4Address(network.gateway))} if network.gateway else set()
