@@ -2,7 +2,7 @@
 
 Computed from memory on each scrape, never from etcd: hosts by health and heartbeat lag
 from the agent sessions of this controller, VMs by state and backend from the VM cache,
-per-host allocation from the fleet's in-memory index. One scrape is O(hosts + VMs), holds
+per-host allocation from the fleet's in-memory index. One scrape is O(hosts), holds
 no lock and does no I/O. It may run in a thread beside the event loop that changes that
 state: each container is first copied whole (one C-level call under the GIL), then read.
 
@@ -24,7 +24,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controller.agent_session import AgentSession
-from controller.store import StoredVm
 from controller.telemetry import state_label
 from vmm.v1 import host_pb2, vm_pb2
 
@@ -101,7 +100,7 @@ class _Sessions(Protocol):
 
 class _Vms(Protocol):
     @property
-    def vms(self) -> Mapping[str, StoredVm]: ...
+    def by_state(self) -> Mapping[tuple[vm_pb2.VmState.ValueType, str], int]: ...
 
 
 class ControllerCollector(Collector):
@@ -172,10 +171,8 @@ class ControllerCollector(Collector):
             hosts.add_metric([health_label(reported)], count)
 
     def _vms(self, vms: GaugeMetricFamily) -> None:
-        counts: Counter[tuple[vm_pb2.VmState.ValueType, str]] = Counter()
-        for stored in snapshot(lambda: list(self.cache.vms.values())):
-            record = stored.record
-            counts[record.status.state, record.backend] += 1
+        counts: Counter[tuple[vm_pb2.VmState.ValueType, str]] = Counter(
+            dict(snapshot(lambda: list(self.cache.by_state.items()))))
         for backend in {backend for _, backend in counts}:
             for state in VM_STATES:
                 counts.setdefault((state, backend), 0)

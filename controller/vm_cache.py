@@ -20,6 +20,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from controller.etcd import EventType, WatchCompacted
 from controller.store import Store, StoredVm
 from vmm.agent.v1 import agent_pb2
 from vmm.store.v1 import records_pb2
+from vmm.v1 import vm_pb2
 
 log = logging.getLogger(__name__)
 # Deletions remembered against writes they overtook; a write in flight is one etcd round
@@ -58,6 +60,9 @@ class VmCache:
         self.disk_users: dict[tuple[str, str], dict[str, bool]] = {}
         # The ids of `vms` in order, for paged listings.
         self.sorted_ids: list[str] = []
+        # (observed state, backend) -> how many VMs `vms` shows so: what /metrics reports,
+        # without a pass over every VM.
+        self.by_state: Counter[tuple[vm_pb2.VmState.ValueType, str]] = Counter()
         # The ids of the cached records marked for deletion.
         self.deleting: set[str] = set()
         # vm id -> revision of its deletion, for the most recent deletions the watch applied:
@@ -136,7 +141,7 @@ class VmCache:
         if (cached := self.vms.get(vm_id)) is None:
             return
         self._reported[vm_id] = (status, cached)
-        self.vms[vm_id] = _reported_over(cached, status)
+        self._show(vm_id, _reported_over(cached, status))
         self._wake(vm_id)
 
     def report_recorded(self, vm_id: str) -> None:
@@ -145,7 +150,7 @@ class VmCache:
         if (entry := self._reported.pop(vm_id, None)) is None:
             return
         if vm_id in self.vms:
-            self.vms[vm_id] = entry[1]
+            self._show(vm_id, entry[1])
         self._wake(vm_id)
 
     async def recorded(self, vm_id: str, timeout: float) -> StoredVm | None:
@@ -178,15 +183,16 @@ class VmCache:
 
     def _store(self, vm_id: str, stored: StoredVm | None) -> None:
         """Set (or, given None, drop) the cached record and keep `by_host` in step."""
-        old = self.vms.pop(vm_id, None) if stored is None else self.vms.get(vm_id)
+        old = self.vms.get(vm_id)
         old_host = old.record.host_id if old is not None else None
         new_host = stored.record.host_id if stored is not None else None
-        if stored is not None:
-            if (entry := self._reported.get(vm_id)) is None:
-                self.vms[vm_id] = stored
-            else:
-                self._reported[vm_id] = (entry[0], stored)
-                self.vms[vm_id] = _reported_over(stored, entry[0])
+        if stored is None:
+            self._show(vm_id, None)
+        elif (entry := self._reported.get(vm_id)) is None:
+            self._show(vm_id, stored)
+        else:
+            self._reported[vm_id] = (entry[0], stored)
+            self._show(vm_id, _reported_over(stored, entry[0]))
         if stored is not None and stored.record.deleting:
             self.deleting.add(vm_id)
         else:
@@ -199,6 +205,18 @@ class VmCache:
         _move(self.by_host, vm_id, old_host, new_host)
         _move(self.by_namespace, vm_id, namespace_of(old.record) if old else None,
               namespace_of(stored.record) if stored else None)
+
+    def _show(self, vm_id: str, stored: StoredVm | None) -> None:
+        """Make `vms` show stored for the VM (None: drop it), keeping `by_state` in step."""
+        old = self.vms.pop(vm_id, None) if stored is None else self.vms.get(vm_id)
+        if old is not None:
+            key = (old.record.status.state, old.record.backend)
+            self.by_state[key] -= 1
+            if not self.by_state[key]:
+                del self.by_state[key]
+        if stored is not None:
+            self.vms[vm_id] = stored
+            self.by_state[stored.record.status.state, stored.record.backend] += 1
 
     def _index_disks(self, vm_id: str, old: StoredVm | None, new: StoredVm | None) -> None:
         for stored, keep in ((old, False), (new, True)):

@@ -11,7 +11,7 @@ from controller.store import CreateResult, Store
 from controller.vm_cache import VmCache
 from vmm.agent.v1 import agent_pb2
 from vmm.store.v1 import records_pb2
-from vmm.v1 import host_pb2
+from vmm.v1 import host_pb2, vm_pb2
 
 
 async def create_one(store: Store, vm_id: str) -> CreateResult:
@@ -99,3 +99,33 @@ async def test_a_report_shows_before_its_write_and_only_until_the_write_is_over(
     finally:
         await cache.stop()
 
+
+
+async def test_vms_by_state_follow_what_the_cache_shows(etcd_client: EtcdClient) -> None:
+    """The counts /metrics reports without a pass over every VM: each VM counted once, in
+    the state the cache shows (a report in flight included), and not once it is gone."""
+    store = Store(etcd_client)
+    cache = VmCache(store)
+    await cache.start()
+    try:
+        for vm_id in ("vm-a", "vm-b"):
+            await create_one(store, vm_id)
+            await cache.wait_for(vm_id, lambda s: s is not None, 10)
+        unspecified = (vm_pb2.VM_STATE_UNSPECIFIED, "")
+        assert cache.by_state == {unspecified: 2}
+        running = agent_pb2.VmStatus(vm_id="vm-a", observed_generation=1,
+                                     state=vm_pb2.VM_STATE_RUNNING)
+        cache.note_report("vm-a", running)
+        assert cache.by_state == {unspecified: 1, (vm_pb2.VM_STATE_RUNNING, ""): 1}
+        cache.report_recorded("vm-a")  # its write failed: shown as etcd holds it again
+        assert cache.by_state == {unspecified: 2}
+        assert await store.delete_vm("vm-b")
+        await cache.wait_for("vm-b", lambda s: s is None, 10)
+        assert cache.by_state == {unspecified: 1}
+        expected: dict[tuple[int, str], int] = {}
+        for stored in cache.vms.values():
+            key = (stored.record.status.state, stored.record.backend)
+            expected[key] = expected.get(key, 0) + 1
+        assert cache.by_state == expected
+    finally:
+        await cache.stop()
