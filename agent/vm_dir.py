@@ -123,7 +123,14 @@ class VmDir:
         os.replace(tmp, log)
 
     def create(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Make the VM's directory, and the sockets directory when this makes the VM's.
+        Called before every write: one mkdir when it is there already."""
+        try:
+            os.mkdir(self.path)
+        except FileExistsError:
+            return
+        except FileNotFoundError:
+            self.path.mkdir(parents=True, exist_ok=True)
         self.api_socket.parent.mkdir(parents=True, exist_ok=True)
 
     def exists(self) -> bool:
@@ -209,6 +216,7 @@ class StateDir:
         self.vms_root = root / "vms"
         self.vms_root.mkdir(parents=True, exist_ok=True)
         self.sockets_dir = VmDir(self.vms_root / "x").api_socket.parent
+        self.sockets_dir.mkdir(exist_ok=True)
 
     def vm(self, vm_id: str) -> VmDir:
         return VmDir(self.vms_root / vm_id)

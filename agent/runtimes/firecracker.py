@@ -295,9 +295,17 @@ class FirecrackerRuntime(Runtime):
         await self._metrics_clients.discard(vm.api_socket)
 
     async def observe(self, vm: VmDir) -> Observation:
+        info = {"api_socket": str(vm.api_socket), "simulated": str(self.simulated).lower()}
+        known = self._known.get(vm.path)
+        if known is not None and process.is_alive(known.ref):
+            # This runtime started the process (and recorded it), drove it to that state,
+            # and it still runs.
+            info["pid"] = str(known.ref.pid)
+            info["firecracker_version"] = known.vmm_version
+            return Observation(alive=True, state=_VM_STATES[known.state], pid=known.ref.pid,
+                               backend_info=info)
         data = vm.load_runtime()
         ref = ProcessRef.from_dict(data)
-        info = {"api_socket": str(vm.api_socket), "simulated": str(self.simulated).lower()}
         if ref is None:
             return Observation(alive=False, detail="no firecracker process recorded",
                                backend_info=info)
@@ -309,12 +317,6 @@ class FirecrackerRuntime(Runtime):
                                    detail=f"stopped by the agent ({detail})", backend_info=info)
             return Observation(alive=False, pid=ref.pid, detail=detail,
                                clean_exit=process.exit_status(ref) == 0, backend_info=info)
-        known = self._known.get(vm.path)
-        if known is not None and known.ref == ref:
-            # This runtime drove the process to that state and it is still alive.
-            info["firecracker_version"] = known.vmm_version
-            return Observation(alive=True, state=_VM_STATES[known.state], pid=ref.pid,
-                               backend_info=info)
         try:
             async with FirecrackerApi(vm.api_socket, timeout=2.0) as api:
                 instance = await api.instance_info()
