@@ -78,7 +78,7 @@ class Placer:
                 raise
             finally:
                 fleet.index.unreserve(host_id, demand)
-                self._release_disks(claimed, vm_id)
+                self.release_disks(claimed, vm_id)
             if stored is None:
                 self.ops.telemetry.placement_conflicts.add(1)
                 self.ops.telemetry.observe_placement(time.perf_counter() - started, "conflicted")
@@ -184,14 +184,17 @@ class Placer:
         """Hold the VM's disks on the host while its create is in flight, so that a
         concurrent create on this replica sees them before the cache does."""
         namespace = request.namespace or DEFAULT_NAMESPACE
-        keys = []
-        for disk in request.config.storage:
-            key = (host_id, disk.path)
-            self._disk_claims.setdefault(key, {})[vm_id] = (not disk.read_only, namespace)
-            keys.append(key)
-        return keys
+        return [self.claim_disk(host_id, vm_id, namespace, disk)
+                for disk in request.config.storage]
 
-    def _release_disks(self, keys: list[tuple[str, str]], vm_id: str) -> None:
+    def claim_disk(self, host_id: str, vm_id: str, namespace: str,
+                   disk: vm_pb2.StorageDevice) -> tuple[str, str]:
+        """Hold one disk for the VM until release_disks: a create or an attach in flight."""
+        key = (host_id, disk.path)
+        self._disk_claims.setdefault(key, {})[vm_id] = (not disk.read_only, namespace)
+        return key
+
+    def release_disks(self, keys: list[tuple[str, str]], vm_id: str) -> None:
         for key in keys:
             users = self._disk_claims.get(key)
             if users is not None:

@@ -13,6 +13,7 @@ import json
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,24 @@ def test_a_hot_added_disk_may_not_share_an_image_one_of_them_writes(
     for vm_id in ("writer", "other"):
         assert vms.api.AttachDisk(vm_pb2.AttachDiskRequest(vm_id=vm_id, device=vm_pb2.StorageDevice(
             id="shared", path=str(image), read_only=True))).success
+    # Two attaches of one writable image at once, to two VMs: one of them gets it.
+    contested = tmp_path / "contested.img"
+    contested.write_bytes(b"\0" * 4096)
+
+    def attach(vm_id: str) -> grpc.StatusCode:
+        try:
+            vms.api.AttachDisk(vm_pb2.AttachDiskRequest(vm_id=vm_id, device=vm_pb2.StorageDevice(
+                id="contested", path=str(contested))))
+        except grpc.RpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(attach, ["writer", "other"]), key=str)
+    assert outcomes == sorted([grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT], key=str)
+    holders = [vm_id for vm_id in ("writer", "other")
+               if "contested" in {d.id for d in vms.info(vm_id).config.storage}]
+    assert len(holders) == 1
 
 
 def test_attach_and_detach_disk_and_nic_on_a_running_vm(

@@ -145,12 +145,20 @@ class DeviceRpcs:
         check_new_device(validation.check_storage, record.config.storage, request.device,
                          "config.storage", "device", "disk")
         self._refuse_shared_image(record, request.device)
+        # Held from the check (no await between) until the record has it: a concurrent
+        # create or attach on this replica sees it meanwhile.
+        claim = self.placer.claim_disk(record.host_id, record.vm_id, namespace_of(record),
+                                       request.device)
 
         def update(r: records_pb2.VmRecord) -> None:
             r.config.storage.append(request.device)
 
-        state = await self._hotplug(request.vm_id, "storage.hotplug",
-                                    agent_pb2.HotplugRequest(attach_disk=request.device), update)
+        try:
+            state = await self._hotplug(request.vm_id, "storage.hotplug",
+                                        agent_pb2.HotplugRequest(attach_disk=request.device),
+                                        update)
+        finally:
+            self.placer.release_disks([claim], record.vm_id)
         return vm_pb2.AttachDiskResponse(success=True, state=state)
 
     def _refuse_shared_image(self, record: records_pb2.VmRecord,
