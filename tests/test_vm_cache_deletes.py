@@ -37,6 +37,9 @@ async def test_a_write_overtaken_by_the_deletion_does_not_resurrect_the_vm(
 
         written = await store.mutate_vm("vm-1", bump)
         assert written is not None
+        # The watch has brought the write (else "gone" below could mean "not seen yet").
+        await cache.wait_for("vm-1", lambda s: s is not None and s.revision >= written.revision,
+                             10)
         # Another replica deletes the VM; this replica's watch applies the deletion ...
         assert await store.delete_vm("vm-1")
         await cache.wait_for("vm-1", lambda s: s is None, 10)
