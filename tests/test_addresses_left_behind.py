@@ -6,7 +6,9 @@ moment ago, are not."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+from collections.abc import AsyncIterator
 
 from controller.etcd import EtcdClient
 from controller.networks import Networks
@@ -36,17 +38,26 @@ async def held(etcd: EtcdClient) -> set[str]:
     return {kv.key.rsplit("/", 1)[1] for kv in kvs}
 
 
-async def test_only_addresses_no_vm_holds_are_given_back_and_only_after_the_grace(
-        etcd_client: EtcdClient) -> None:
-    store = Store(etcd_client)
+@contextlib.asynccontextmanager
+async def pool(etcd: EtcdClient, cidr: str) -> AsyncIterator[tuple[Store, VmCache, Networks]]:
+    """A replica's store, VM cache and networks, with network "pool" on cidr."""
+    store = Store(etcd)
     cache = VmCache(store)
     networks = Networks(store, cache, orphan_grace=GRACE)
     await cache.start()
     await networks.start()
     try:
         assert await networks.create(network_pb2.Network(name="pool", bridge="br-pool",
-                                                         cidr="10.88.0.0/24"))
-        await asyncio.sleep(0.2)  # the network's key reaches the mirror
+                                                         cidr=cidr))
+        yield store, cache, networks
+    finally:
+        await networks.stop()
+        await cache.stop()
+
+
+async def test_only_addresses_no_vm_holds_are_given_back_and_only_after_the_grace(
+        etcd_client: EtcdClient) -> None:
+    async with pool(etcd_client, "10.88.0.0/24") as (store, cache, networks):
         kept = await networks.allocate("pool", "vm-kept/eth0")
         await store_vm(store, "vm-kept", [("pool", str(kept))])
         ghost = await networks.allocate("pool", "vm-never-stored/eth0")
@@ -71,35 +82,17 @@ async def test_only_addresses_no_vm_holds_are_given_back_and_only_after_the_grac
         # Given back for good: the next allocations can take them again.
         assert int(ghost.ip) not in networks.taken["pool"]
         assert int(hot.ip) not in networks.taken["pool"]
-    finally:
-        await networks.stop()
-        await cache.stop()
 
 
 async def test_an_address_whose_vm_appears_meanwhile_stays(etcd_client: EtcdClient) -> None:
     """Judged left behind, but the VM holding it is stored before the leader acts: the
     compare on the VM key keeps the address."""
-    store = Store(etcd_client)
-    cache = VmCache(store)
-    networks = Networks(store, cache, orphan_grace=GRACE)
-    await cache.start()
-    await networks.start()
-    try:
-        assert await networks.create(network_pb2.Network(name="pool", bridge="br-pool",
-                                                         cidr="10.89.0.0/24"))
-        await asyncio.sleep(0.2)
+    async with pool(etcd_client, "10.89.0.0/24") as (store, _cache, networks):
         late = await networks.allocate("pool", "vm-late/eth0")
         await asyncio.sleep(GRACE + 0.1)
         networks.prune()
         assert set(networks.left_behind) == {f"pool/{late.ip}"}
-        # The VM is stored by another replica; this replica's watch has not brought it.
-        record = records_pb2.VmRecord(vm_id="vm-late", host_id="h1", generation=1)
-        record.config.network.add(id="eth0", network="pool", ip_address=str(late))
-        allocation = await store.get_allocation("h1")
-        assert (await store.create_vms("h1", [record], allocation,
-                                       records_pb2.Allocation(vm_count=1))).created
+        # The VM is stored by another replica; this replica's watch may not have brought it.
+        await store_vm(store, "vm-late", [("pool", str(late))])
         assert await networks.reclaim_left_behind() == 0
         assert str(ipaddress.IPv4Interface(late).ip) in await held(etcd_client)
-    finally:
-        await networks.stop()
-        await cache.stop()
