@@ -141,7 +141,7 @@ class Networks:
         self._unconfirmed.pop(key, None)
         self.left_behind.pop(key, None)
         owner = kv.value.decode(errors="replace")
-        if self.cache is not None and self._holder(key, owner) is None:
+        if self.cache is not None and not self._held(key, owner):
             self._unconfirmed[key] = (owner, kv.mod_revision, time.monotonic())
 
     def _address_deleted(self, key: str) -> None:
@@ -153,29 +153,27 @@ class Networks:
 
     # ---- addresses left behind ------------------------------------------------------
 
-    def _holder(self, key: str, owner: str) -> int | None:
-        """The revision of the owner's VM record if one of its NICs has this address."""
+    def _held(self, key: str, owner: str) -> bool:
+        """Whether one of the owner's VM's NICs has this address, as the cache knows it."""
         assert self.cache is not None
         stored = self.cache.get(owner.partition("/")[0])
-        if stored is None:
-            return None
         name, _, ip = key.partition("/")
-        held = any(nic.network == name and nic.ip_address.split("/")[0] == ip
-                   for nic in stored.record.config.network)
-        return stored.revision if held else None
+        return stored is not None and any(
+            nic.network == name and nic.ip_address.split("/")[0] == ip
+            for nic in stored.record.config.network)
 
-    def prune(self, now: float | None = None) -> None:
+    def prune(self) -> None:
         """Forget the noted addresses their VM now holds; those past the grace that none
         holds are left behind."""
         if self.cache is None:
             return
-        now = time.monotonic() if now is None else now
+        now = time.monotonic()
         while self._unconfirmed:
             key, (owner, revision, seen) = next(iter(self._unconfirmed.items()))
             if now - seen < self.orphan_grace:
                 return
             del self._unconfirmed[key]
-            if self._holder(key, owner) is None:
+            if not self._held(key, owner):
                 self.left_behind[key] = (owner, revision)
 
     async def reclaim_left_behind(self) -> int:
@@ -186,7 +184,7 @@ class Networks:
         for key, (owner, revision) in list(self.left_behind.items())[:RECLAIM_BATCH]:
             del self.left_behind[key]
             vm_id = owner.partition("/")[0]
-            if self._holder(key, owner) is not None:
+            if self._held(key, owner):
                 continue
             stored = self.cache.get(vm_id)
             vm_key = self.store.vm_key(vm_id)
