@@ -36,7 +36,7 @@ from agent.hypervisors.cloud_hypervisor_api import CloudHypervisorApi, VmInfo
 from agent.runtimes import runtime_class
 from agent.runtimes.base import RuntimeSettings
 from agent.vm_dir import VmDir
-from tests.support.api import bad_fields, etcd_revision
+from tests.support.api import bad_fields, etcd_revision, wait_report_recorded
 from tools.fleet.cluster import GIB, Cluster, wait_until
 from tools.simulators.cloud_hypervisor.main import GUEST_DEBUG_ENV
 from vmm import features
@@ -232,6 +232,7 @@ class Plane:
                       backend: str) -> None:
         """A runtime change is refused with FAILED_PRECONDITION naming the feature and the
         backend; the stored VM and what the hypervisor was told stay as they were."""
+        wait_report_recorded(self.cluster, vm_id)  # its last report's write is not the change
         before, seen_before = self.info(vm_id), self.hypervisor_view(vm_id, backend)
         with pytest.raises(grpc.RpcError) as refused:
             call()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 from google.rpc import error_details_pb2
@@ -10,6 +11,7 @@ from grpc_status import rpc_status
 
 from controller.etcd import EtcdClient
 from tools.fleet.cluster import Cluster
+from vmm.store.v1 import records_pb2
 
 
 def etcd_revision(cluster: Cluster) -> int:
@@ -20,6 +22,24 @@ def etcd_revision(cluster: Cluster) -> int:
             return (await client.status()).revision
 
     return asyncio.run(read())
+
+
+def wait_report_recorded(cluster: Cluster, vm_id: str, timeout: float = 10.0) -> None:
+    """Wait until etcd holds the VM's last report. An RPC answers once the agent reports,
+    while the report's write may still be in flight; it changes the record's timestamp."""
+
+    async def wait() -> None:
+        async with EtcdClient([cluster.etcd.endpoint]) as client:
+            deadline = time.monotonic() + timeout
+            while True:
+                kv = await client.get(f"/vmm/vms/{vm_id}")
+                record = records_pb2.VmRecord.FromString(kv.value) if kv else None
+                if record is None or record.status.observed_generation >= record.generation:
+                    return
+                assert time.monotonic() < deadline, f"vm {vm_id}: report not recorded"
+                await asyncio.sleep(0.02)
+
+    asyncio.run(wait())
 
 
 def bad_fields(err: grpc.RpcError) -> list[str]:
