@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -224,7 +225,27 @@ def _reap_in_background(proc: subprocess.Popen[bytes]) -> None:
     threading.Thread(target=reap, daemon=True, name=f"reap-{proc.pid}").start()
 
 
+# Processes proven to be theirs (pid and start time), each with a pidfd: it stays bound to
+# that very process, so later checks cost one poll instead of two reads of /proc, and a
+# recycled pid cannot fool them.
+_pidfds: dict[tuple[int, float], int] = {}
+
+
 def is_alive(ref: ProcessRef) -> bool:
+    fd = _pidfds.get((ref.pid, ref.started_at))
+    if fd is not None:
+        if not _exited(fd):
+            return True
+        _forget(ref)
+        return False
+    if not _matches(ref):
+        return False
+    _watch(ref)
+    return True
+
+
+def _matches(ref: ProcessRef) -> bool:
+    """Whether the process with ref's pid is ref's process (by start time), not a zombie."""
     try:
         p = psutil.Process(ref.pid)
         if abs(p.create_time() - ref.started_at) > 0.05:
@@ -232,6 +253,33 @@ def is_alive(ref: ProcessRef) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _watch(ref: ProcessRef) -> None:
+    """Keep a pidfd of ref's process, where the kernel offers pidfds (Linux 5.3)."""
+    try:
+        fd = os.pidfd_open(ref.pid)
+    except (AttributeError, OSError):
+        return
+    # The pid may have changed hands between the check and the open: check again, now
+    # that the pidfd holds whichever process it is.
+    if _exited(fd) or not _matches(ref):
+        os.close(fd)
+        return
+    _pidfds[(ref.pid, ref.started_at)] = fd
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has ended (a zombie included)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _forget(ref: ProcessRef) -> None:
+    fd = _pidfds.pop((ref.pid, ref.started_at), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def exit_status(ref: ProcessRef) -> int | None:

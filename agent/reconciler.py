@@ -42,6 +42,8 @@ MONITOR_INTERVAL = 0.5
 ADOPT_CONCURRENCY = 32
 # VMs checked between yields to the event loop: a pass over a thousand VMs takes a while.
 MONITOR_BATCH = 50
+# States _observe gives only a VM whose hypervisor process it found running.
+_LIVE_STATES = frozenset({S.VM_STATE_CREATED, S.VM_STATE_RUNNING, S.VM_STATE_PAUSED})
 
 
 def _refuse(violations: list[agent_pb2.FieldViolation]) -> None:
@@ -531,6 +533,8 @@ class Reconciler:
         """What a dead VM holds goes at once. A panicked guest stays dead (or reboots into
         the same panic): its hypervisor is stopped and the VM stays FAILED. A hypervisor
         that is gone leaves its API socket behind: nothing will answer on it again."""
+        if status.state in _LIVE_STATES:
+            return  # just observed running: nothing to release (the monitor sees it end)
         if status.state == S.VM_STATE_FAILED and runtime.live_process(vm) is not None:
             await runtime.shutdown(vm, True, 0)
         if runtime.live_process(vm) is None:

@@ -114,9 +114,10 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         self._dispatcher: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._status_locks: dict[str, asyncio.Lock] = {}
-        self._status_store = StatusWrites(store)
-        # Status writes in flight; they finish even if their stream ends first.
-        self._status_writes: set[asyncio.Task[None]] = set()
+        # Reports written to etcd; a VM change may take its pending report along.
+        self.status_writes = StatusWrites(store)
+        # Reports being applied; they finish even if their stream ends first.
+        self._report_tasks: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -448,7 +449,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
 
         def written(task: asyncio.Task[None]) -> None:
             writes.release()
-            self._status_writes.discard(task)
+            self._report_tasks.discard(task)
             if not task.cancelled() and (exc := task.exception()) is not None:
                 # A lost report would leave the record stale until the VM next changes:
                 # end the stream instead; the agent reconnects and reports every VM again.
@@ -470,7 +471,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             elif kind == "vm_status":
                 await writes.acquire()
                 task = asyncio.create_task(self.apply_status(session, message.vm_status))
-                self._status_writes.add(task)
+                self._report_tasks.add(task)
                 task.add_done_callback(written)
             elif kind == "reply":
                 session.deliver(message.reply)
@@ -531,7 +532,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                 self.telemetry.vm_state_changed(cached.record.status.state, new.state)
             failpoints.hit("controller.status.noted", status.vm_id)
             try:
-                stored = await self._status_store.write(session.host_id, status.vm_id, change,
+                stored = await self.status_writes.write(session.host_id, status.vm_id, change,
                                                         known=cached)
                 failpoints.hit("controller.status.applied", status.vm_id)
                 if stored is not None:

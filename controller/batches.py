@@ -2,7 +2,8 @@
 
 While one batch of a key is being processed, later items of that key wait and go together
 in the next, so a burst costs one etcd transaction per batch rather than one per item, and
-no key waits for another key's batch.
+no key waits for another key's batch. With a linger, a key's first batch waits that long
+for company before it goes.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ T = TypeVar("T", bound=Waiting)
 
 class KeyedBatches(Generic[T]):
     def __init__(self, process: Callable[[str, list[T]], Awaitable[None]],
-                 max_batch: int) -> None:
+                 max_batch: int, linger: float = 0.0) -> None:
         # process(key, batch) settles each item's future (or requeues it, see requeue).
         self._process = process
         self._max_batch = max_batch
+        self._linger = linger
         self._queues: dict[str, list[T]] = {}
         self._flushing: dict[str, asyncio.Task[None]] = {}
 
@@ -36,6 +38,12 @@ class KeyedBatches(Generic[T]):
         if key not in self._flushing:
             self._flushing[key] = asyncio.create_task(self._flush(key), name=f"batch {key}")
 
+    def withdraw(self, key: str, item: T) -> None:
+        """Take a queued item back out: it goes in no batch (one being processed keeps it)."""
+        queue = self._queues.get(key)
+        if queue and item in queue:
+            queue.remove(item)
+
     def requeue(self, key: str, items: list[T]) -> None:
         """Put items back at the front of the key's queue, for the next batch (called from
         process, while the key is being flushed)."""
@@ -43,6 +51,8 @@ class KeyedBatches(Generic[T]):
 
     async def _flush(self, key: str) -> None:
         try:
+            if self._linger > 0:
+                await asyncio.sleep(self._linger)
             while queue := self._queues.get(key):
                 batch, self._queues[key] = queue[:self._max_batch], queue[self._max_batch:]
                 try:

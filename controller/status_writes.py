@@ -2,6 +2,11 @@
 (controller.batches): a host's burst of reports (a registration, VMs created together)
 costs a few transactions rather than one per VM.
 
+A report waits a moment (LINGER) for company before its batch goes. A change of the VM
+made meanwhile (a boot right after the create it reports) takes the report along in its
+own transaction (`claim`): one write instead of two, and the change does not wait for the
+report's write to land first.
+
 Each VM's write is guarded by the revision the cache knows it at. A batch whose guard fails
 (another writer changed one of its VMs meanwhile) is written again VM by VM, each a
 read-modify-write of its own. The caller holds the VM's lock, so one VM has at most one
@@ -20,37 +25,70 @@ from vmm.store.v1 import records_pb2
 
 # VMs per transaction: etcd refuses more than 128 operations in one branch by default.
 MAX_BATCH = 64
+# Seconds a host's first report waits for others, or for a change that takes it along.
+LINGER = 0.01
 
 
-@dataclass
-class _Report:
+@dataclass(eq=False)  # one report is itself only: queues find it by identity
+class Report:
+    host_id: str
     vm_id: str
+    # Applies the report to a copy of the record; False when it changes nothing.
     change: Callable[[records_pb2.VmRecord], bool]
+    # The record as etcd held it when the report came (the cache's copy).
     known: StoredVm
     done: asyncio.Future[StoredVm | None]
 
 
 class StatusWrites:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, linger: float = LINGER) -> None:
         self.store = store
-        self._batches: KeyedBatches[_Report] = KeyedBatches(self._write_batch, MAX_BATCH)
+        self._batches: KeyedBatches[Report] = KeyedBatches(self._write_batch, MAX_BATCH,
+                                                           linger)
+        # Reports not yet in a batch, by VM: those a change may still take along.
+        self._waiting: dict[str, Report] = {}
 
     async def write(self, host_id: str, vm_id: str,
                     change: Callable[[records_pb2.VmRecord], bool],
                     known: StoredVm) -> StoredVm | None:
         """What store.mutate_vm(vm_id, change, known) does, in a batch with the host's other
-        reports. `change` may be called more than once (on a copy each time)."""
-        report = _Report(vm_id, change, known, asyncio.get_running_loop().create_future())
-        self._batches.submit(host_id, report)
+        reports or in the transaction of a change that claims it. `change` may be called
+        more than once (on a copy each time)."""
+        report = Report(host_id, vm_id, change, known,
+                        asyncio.get_running_loop().create_future())
+        self._submit(report)
         return await asyncio.shield(report.done)
 
-    async def _write_batch(self, host_id: str, batch: list[_Report]) -> None:
+    def claim(self, vm_id: str) -> Report | None:
+        """The VM's report, if it still waits for its batch: it is then the caller's to
+        write along with its own change. The caller settles it with `written`, or gives it
+        back with `unclaim` should its write fail."""
+        report = self._waiting.pop(vm_id, None)
+        if report is not None:
+            self._batches.withdraw(report.host_id, report)
+        return report
+
+    @staticmethod
+    def written(report: Report, stored: StoredVm | None) -> None:
+        report.done.set_result(stored)
+
+    def unclaim(self, report: Report) -> None:
+        """A claimed report whose change was not written: it goes in a batch of its own."""
+        self._submit(report)
+
+    def _submit(self, report: Report) -> None:
+        self._waiting[report.vm_id] = report
+        self._batches.submit(report.host_id, report)
+
+    async def _write_batch(self, host_id: str, batch: list[Report]) -> None:
+        for report in batch:  # written here from now on: no change can claim them
+            del self._waiting[report.vm_id]
         if len(batch) == 1:  # nothing to share a transaction with
             report = batch[0]
             report.done.set_result(await self.store.mutate_vm(report.vm_id, report.change,
                                                               known=report.known))
             return
-        updates: list[tuple[_Report, records_pb2.VmRecord]] = []
+        updates: list[tuple[Report, records_pb2.VmRecord]] = []
         for report in batch:
             record = records_pb2.VmRecord()
             record.CopyFrom(report.known.record)

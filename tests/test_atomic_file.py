@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent import atomic_file
-from agent.atomic_file import replace_text
+from agent.atomic_file import overwrite_record, replace_text
 
 
 def test_writes_a_new_file_and_replaces_an_existing_one(tmp_path: Path) -> None:
@@ -69,3 +69,20 @@ def test_falls_back_to_a_rename_without_the_exchange(tmp_path: Path,
 def test_a_missing_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         replace_text(tmp_path / "gone" / "phase", "x")
+
+
+def test_a_record_is_written_over_the_last_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "phase"
+    overwrite_record(path, "creating 1".ljust(20) + "\n")
+    inode = path.stat().st_ino
+    overwrite_record(path, "created 1".ljust(20) + "\n")
+    assert path.read_text() == "created 1".ljust(20) + "\n"
+    assert path.stat().st_ino == inode
+    assert sorted(os.listdir(tmp_path)) == ["phase"]
+
+
+def test_a_file_longer_than_the_record_is_replaced_whole(tmp_path: Path) -> None:
+    path = tmp_path / "phase"
+    path.write_text("something else entirely, longer than a record\n")
+    overwrite_record(path, "running 4".ljust(20) + "\n")
+    assert path.read_text() == "running 4".ljust(20) + "\n"

@@ -85,3 +85,60 @@ async def test_a_report_that_changes_nothing_writes_nothing(etcd_client: EtcdCli
     first = await report_running(writes, vms)
     again = await report_running(writes, first)
     assert [s.revision for s in again] == [s.revision for s in first]
+
+
+def booted(record: records_pb2.VmRecord) -> None:
+    record.desired_state = RUNNING
+    record.generation += 1
+
+
+async def test_a_change_takes_a_waiting_report_along(etcd_client: EtcdClient) -> None:
+    store = Store(etcd_client)
+    (vm,) = await created(store, "h1", 1)
+    writes = StatusWrites(store)
+    reporting = asyncio.ensure_future(writes.write("h1", vm.record.vm_id, to_running, vm))
+    await asyncio.sleep(0)  # the report is queued, its batch lingers
+    report = writes.claim(vm.record.vm_id)
+    assert report is not None
+    assert writes.claim(vm.record.vm_id) is None  # one claimer only
+
+    def both(record: records_pb2.VmRecord) -> None:
+        report.change(record)
+        booted(record)
+
+    written = await store.mutate_vm(vm.record.vm_id, both, known=report.known)
+    writes.written(report, written)
+    assert await reporting == written  # the reporter learns what the change wrote
+    await asyncio.sleep(0.05)  # well past the linger: the batch writes nothing of its own
+    found = await store.get_vm(vm.record.vm_id)
+    assert found is not None and written is not None
+    assert found.revision == written.revision
+    assert found.record.status.state == RUNNING and found.record.generation == 2
+
+
+async def test_a_report_given_back_is_written_alone(etcd_client: EtcdClient) -> None:
+    store = Store(etcd_client)
+    (vm,) = await created(store, "h1", 1)
+    writes = StatusWrites(store)
+    reporting = asyncio.ensure_future(writes.write("h1", vm.record.vm_id, to_running, vm))
+    await asyncio.sleep(0)
+    report = writes.claim(vm.record.vm_id)
+    assert report is not None
+    writes.unclaim(report)  # the change that claimed it failed
+    stored = await reporting
+    assert stored is not None and stored.record.status.state == RUNNING
+    found = await store.get_vm(vm.record.vm_id)
+    assert found is not None and found.record.status.state == RUNNING
+    assert found.record.generation == 1
+
+
+async def test_a_report_its_batch_took_cannot_be_claimed(etcd_client: EtcdClient) -> None:
+    store = Store(etcd_client)
+    (vm,) = await created(store, "h1", 1)
+    writes = StatusWrites(store, linger=0)
+    reporting = asyncio.ensure_future(writes.write("h1", vm.record.vm_id, to_running, vm))
+    for _ in range(3):  # the write starts, its batch's flush starts and takes the report
+        await asyncio.sleep(0)
+    assert writes.claim(vm.record.vm_id) is None
+    stored = await reporting
+    assert stored is not None and stored.record.status.state == RUNNING

@@ -18,6 +18,9 @@ from agent.vm_dir import VmDir
 
 READY_MARKER_OPTION = "ready_marker"
 
+# A small guest prints its marker milliseconds after its start, a full Linux seconds after:
+# the first look comes at once, the next ones ever later, then every 20 ms.
+_FIRST_POLL_SECONDS = 0.001
 _POLL_SECONDS = 0.02
 
 
@@ -48,6 +51,7 @@ async def wait_for_console_marker(vm: VmDir, marker: str, timeout: float,
     offset = since_offset
     # The end of the previous read, so a marker split across two reads is found.
     carry = b""
+    delay = _FIRST_POLL_SECONDS
     while True:
         chunk = _read_from(vm, offset)
         offset += len(chunk)
@@ -65,7 +69,8 @@ async def wait_for_console_marker(vm: VmDir, marker: str, timeout: float,
             raise GuestNotReady(
                 f"VM {vm.vm_id}: the guest did not print {marker!r} within {timeout:g}s"
                 f"{_tail_suffix(vm)}", "DEADLINE_EXCEEDED")
-        await asyncio.sleep(_POLL_SECONDS)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _POLL_SECONDS)
 
 
 def _read_from(vm: VmDir, offset: int) -> bytes:

@@ -27,6 +27,7 @@ from controller.errors import (
 )
 from controller.etcd import EtcdError, EtcdUnavailable
 from controller.fleet import Fleet
+from controller.status_writes import Report
 from controller.store import ConflictError, Store, StoredVm
 from controller.telemetry import Telemetry
 from controller.vm_cache import VmCache, namespace_of
@@ -237,18 +238,67 @@ class VmOperations:
         repeatable: asking again for the state the VM is in (and meant to be in) succeeds
         at once, so a retried call is answered like the first one."""
         timeout = timeout or self.settings.operation_timeout
-        stored = await self.settled(vm_id, verb, timeout)
-        # What the agent last reported may still be on its way to etcd: the change goes
-        # after that write, rather than lose a compare to it and go round again.
+        await self.settled(vm_id, verb, timeout)
+        # The agent's last report, if its write has not gone yet, goes with this change.
+        report = self.hub.status_writes.claim(vm_id)
         try:
-            recorded = await self.cache.recorded(vm_id, timeout)
-        except TimeoutError:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE,
-                           f"cannot {verb} vm {vm_id} yet: its last report is still being "
-                           "recorded; try again") from None
-        if recorded is None:
+            state, written = await self._change_state(vm_id, verb, allowed, target,
+                                                      feature_key, edit, timeout, repeatable,
+                                                      report)
+        except BaseException:
+            if report is not None:
+                self.hub.status_writes.unclaim(report)
+            raise
+        if written is None:
+            if report is not None:
+                self.hub.status_writes.unclaim(report)  # nothing written: it goes alone
+            return state
+        if report is not None:
+            self.hub.status_writes.written(report, written)
+        result = await self.await_generation(written.record, timeout)
+        if result is None:
             raise not_found(vm_id)
-        stored = recorded
+        status = result.record.status
+        if status.error and status.observed_generation == written.record.generation:
+            if status.state != S.VM_STATE_FAILED:
+                # Make desired match what runs again; a FAILED VM keeps its failed
+                # generation, which the agent leaves alone until the next request.
+                await self._roll_back(vm_id, written.record.generation, state)
+            raise ApiError(code_from_name(status.error_code or "FAILED_PRECONDITION"),
+                           f"{verb} vm {vm_id} failed: {status.error}")
+        if result.record.deleting or status.state != target:
+            # A later change (or the VM itself) moved it on: never OK with success=false.
+            now = "being deleted" if result.record.deleting else state_name(status.state)
+            reason = f": {status.reason}" if status.reason else ""
+            raise ApiError(grpc.StatusCode.ABORTED,
+                           f"{verb} vm {vm_id}: it is {now} now{reason}")
+        return status.state
+
+    async def _change_state(self, vm_id: str, verb: str, allowed: set[int], target: int,
+                            feature_key: str,
+                            edit: Callable[[records_pb2.VmRecord], None] | None,
+                            timeout: float, repeatable: bool, report: Report | None
+                            ) -> tuple[vm_pb2.VmState.ValueType, StoredVm | None]:
+        """Check the transition and record it: (the state before, the record written), or
+        (the state, None) when the VM is there already. With the VM's pending report, the
+        record is written with that report in it."""
+        if report is not None:
+            shown = self.cache.get(vm_id)  # the record with the report shown in it
+            if shown is None:
+                raise not_found(vm_id)
+            stored, known = shown, report.known
+        else:
+            # What the agent last reported may still be on its way to etcd: the change goes
+            # after that write, rather than lose a compare to it and go round again.
+            try:
+                recorded = await self.cache.recorded(vm_id, timeout)
+            except TimeoutError:
+                raise ApiError(grpc.StatusCode.UNAVAILABLE,
+                               f"cannot {verb} vm {vm_id} yet: its last report is still "
+                               "being recorded; try again") from None
+            if recorded is None:
+                raise not_found(vm_id)
+            stored = known = recorded
         record = stored.record
         if record.deleting:
             raise ApiError(grpc.StatusCode.ABORTED,
@@ -259,43 +309,27 @@ class VmOperations:
                            f"cannot {verb} vm {vm_id}: its host {record.host_id} is not connected")
         if repeatable and state == target and record.desired_state == target \
                 and not record.status.error:
-            return state
+            return state, None
         if state not in allowed:
             raise failed_precondition(f"cannot {verb} vm {vm_id}: it is {state_name(state)}")
         caps = self.fleet.capabilities(record.host_id, record.backend)
         if caps is not None and (msg := validation.required_feature(caps, feature_key)):
             raise failed_precondition(msg)
-        before = record.status.state
 
         def change(r: records_pb2.VmRecord) -> None:
+            if report is not None:
+                report.change(r)
             r.desired_state = target  # type: ignore[assignment]
             r.generation += 1
             if edit:
                 edit(r)
 
-        written = await self.store.mutate_vm(vm_id, change, known=stored)
+        written = await self.store.mutate_vm(vm_id, change, known=known)
         failpoints.hit("controller.vm.mutated", vm_id)
         if written is None:
             raise not_found(vm_id)
         self.cache.note_write(written)
-        result = await self.await_generation(written.record, timeout)
-        if result is None:
-            raise not_found(vm_id)
-        status = result.record.status
-        if status.error and status.observed_generation == written.record.generation:
-            if status.state != S.VM_STATE_FAILED:
-                # Make desired match what runs again; a FAILED VM keeps its failed
-                # generation, which the agent leaves alone until the next request.
-                await self._roll_back(vm_id, written.record.generation, before)
-            raise ApiError(code_from_name(status.error_code or "FAILED_PRECONDITION"),
-                           f"{verb} vm {vm_id} failed: {status.error}")
-        if result.record.deleting or status.state != target:
-            # A later change (or the VM itself) moved it on: never OK with success=false.
-            now = "being deleted" if result.record.deleting else state_name(status.state)
-            reason = f": {status.reason}" if status.reason else ""
-            raise ApiError(grpc.StatusCode.ABORTED,
-                           f"{verb} vm {vm_id}: it is {now} now{reason}")
-        return status.state
+        return record.status.state, written
 
     async def _roll_back(self, vm_id: str, generation: int, state: int) -> None:
         """After a failed operation, make desired match what runs again."""
