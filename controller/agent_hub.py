@@ -36,7 +36,7 @@ from controller.wire import undecodable
 from vmm.agent.v1 import agent_pb2, agent_pb2_grpc
 from vmm.common import failpoints
 from vmm.store.v1 import records_pb2
-from vmm.v1 import host_pb2
+from vmm.v1 import host_pb2, vm_pb2
 
 log = logging.getLogger(__name__)
 
@@ -531,9 +531,13 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             if cached.record.status.state != new.state:
                 self.telemetry.vm_state_changed(cached.record.status.state, new.state)
             failpoints.hit("controller.status.noted", status.vm_id)
+            # A created VM's report, before its boot: the boot may well take it along.
+            boot_likely = new.state == vm_pb2.VM_STATE_CREATED \
+                and cached.record.desired_state == vm_pb2.VM_STATE_CREATED \
+                and new.observed_generation == cached.record.generation
             try:
                 stored = await self.status_writes.write(session.host_id, status.vm_id, change,
-                                                        known=cached)
+                                                        known=cached, linger=boot_likely)
                 failpoints.hit("controller.status.applied", status.vm_id)
                 if stored is not None:
                     self.cache.note_write(stored)

@@ -2,10 +2,12 @@
 (controller.batches): a host's burst of reports (a registration, VMs created together)
 costs a few transactions rather than one per VM.
 
-A report waits a moment (LINGER) for company before its batch goes. A change of the VM
-made meanwhile (a boot right after the create it reports) takes the report along in its
-own transaction (`claim`): one write instead of two, and the change does not wait for the
-report's write to land first.
+A report that a change of its VM is likely to follow (a created VM's, before its boot)
+waits a moment (LINGER) before its batch goes; a change made meanwhile takes the report
+along in its own transaction (`claim`): one write instead of two, and the change does not
+wait for the report's write to land first. Other reports go at once: until its write lands,
+a report lives only in this replica, and a replica that dies takes it along (its agent
+reports again to the next one).
 
 Each VM's write is guarded by the revision the cache knows it at. A batch whose guard fails
 (another writer changed one of its VMs meanwhile) is written again VM by VM, each a
@@ -25,8 +27,8 @@ from vmm.store.v1 import records_pb2
 
 # VMs per transaction: etcd refuses more than 128 operations in one branch by default.
 MAX_BATCH = 64
-# Seconds a host's first report waits for others, or for a change that takes it along.
-LINGER = 0.01
+# Seconds a report that a change is likely to follow waits for that change to take it along.
+LINGER = 0.005
 
 
 @dataclass(eq=False)  # one report is itself only: queues find it by identity
@@ -38,24 +40,27 @@ class Report:
     # The record as etcd held it when the report came (the cache's copy).
     known: StoredVm
     done: asyncio.Future[StoredVm | None]
+    # Whether it waits for a change to take it along.
+    lingers: bool = False
 
 
 class StatusWrites:
     def __init__(self, store: Store, linger: float = LINGER) -> None:
         self.store = store
-        self._batches: KeyedBatches[Report] = KeyedBatches(self._write_batch, MAX_BATCH,
-                                                           linger)
+        self._prompt: KeyedBatches[Report] = KeyedBatches(self._write_batch, MAX_BATCH)
+        self._lingering: KeyedBatches[Report] = KeyedBatches(self._write_batch, MAX_BATCH,
+                                                             linger)
         # Reports not yet in a batch, by VM: those a change may still take along.
         self._waiting: dict[str, Report] = {}
 
     async def write(self, host_id: str, vm_id: str,
                     change: Callable[[records_pb2.VmRecord], bool],
-                    known: StoredVm) -> StoredVm | None:
+                    known: StoredVm, linger: bool = False) -> StoredVm | None:
         """What store.mutate_vm(vm_id, change, known) does, in a batch with the host's other
-        reports or in the transaction of a change that claims it. `change` may be called
-        more than once (on a copy each time)."""
+        reports or in the transaction of a change that claims it (`linger`: after waiting
+        LINGER for one). `change` may be called more than once (on a copy each time)."""
         report = Report(host_id, vm_id, change, known,
-                        asyncio.get_running_loop().create_future())
+                        asyncio.get_running_loop().create_future(), linger)
         self._submit(report)
         return await asyncio.shield(report.done)
 
@@ -65,7 +70,7 @@ class StatusWrites:
         back with `unclaim` should its write fail."""
         report = self._waiting.pop(vm_id, None)
         if report is not None:
-            self._batches.withdraw(report.host_id, report)
+            self._batches_of(report).withdraw(report.host_id, report)
         return report
 
     @staticmethod
@@ -73,12 +78,16 @@ class StatusWrites:
         report.done.set_result(stored)
 
     def unclaim(self, report: Report) -> None:
-        """A claimed report whose change was not written: it goes in a batch of its own."""
+        """A claimed report whose change was not written: it is written at once."""
+        report.lingers = False
         self._submit(report)
 
     def _submit(self, report: Report) -> None:
         self._waiting[report.vm_id] = report
-        self._batches.submit(report.host_id, report)
+        self._batches_of(report).submit(report.host_id, report)
+
+    def _batches_of(self, report: Report) -> KeyedBatches[Report]:
+        return self._lingering if report.lingers else self._prompt
 
     async def _write_batch(self, host_id: str, batch: list[Report]) -> None:
         for report in batch:  # written here from now on: no change can claim them

@@ -96,7 +96,8 @@ async def test_a_change_takes_a_waiting_report_along(etcd_client: EtcdClient) ->
     store = Store(etcd_client)
     (vm,) = await created(store, "h1", 1)
     writes = StatusWrites(store)
-    reporting = asyncio.ensure_future(writes.write("h1", vm.record.vm_id, to_running, vm))
+    reporting = asyncio.ensure_future(writes.write("h1", vm.record.vm_id, to_running, vm,
+                                                       linger=True))
     await asyncio.sleep(0)  # the report is queued, its batch lingers
     report = writes.claim(vm.record.vm_id)
     assert report is not None
@@ -120,7 +121,8 @@ async def test_a_report_given_back_is_written_alone(etcd_client: EtcdClient) -> 
     store = Store(etcd_client)
     (vm,) = await created(store, "h1", 1)
     writes = StatusWrites(store)
-    reporting = asyncio.ensure_future(writes.write("h1", vm.record.vm_id, to_running, vm))
+    reporting = asyncio.ensure_future(writes.write("h1", vm.record.vm_id, to_running, vm,
+                                                       linger=True))
     await asyncio.sleep(0)
     report = writes.claim(vm.record.vm_id)
     assert report is not None
@@ -132,10 +134,18 @@ async def test_a_report_given_back_is_written_alone(etcd_client: EtcdClient) -> 
     assert found.record.generation == 1
 
 
+async def test_a_report_that_need_not_linger_is_written_at_once(etcd_client: EtcdClient) -> None:
+    store = Store(etcd_client)
+    (vm,) = await created(store, "h1", 1)
+    writes = StatusWrites(store, linger=60)  # were it to linger, this test would hang
+    stored = await writes.write("h1", vm.record.vm_id, to_running, vm)
+    assert stored is not None and stored.record.status.state == RUNNING
+
+
 async def test_a_report_its_batch_took_cannot_be_claimed(etcd_client: EtcdClient) -> None:
     store = Store(etcd_client)
     (vm,) = await created(store, "h1", 1)
-    writes = StatusWrites(store, linger=0)
+    writes = StatusWrites(store)
     reporting = asyncio.ensure_future(writes.write("h1", vm.record.vm_id, to_running, vm))
     for _ in range(3):  # the write starts, its batch's flush starts and takes the report
         await asyncio.sleep(0)
