@@ -41,6 +41,8 @@ STEPS = {"creating": "created", "booting": "running", "stopping": "stopped",
          "hotplugging": "hotplugged"}
 # A phase record's width, newline excluded: the longest step and a 64-bit generation fit.
 PHASE_WIDTH = 39
+# A console offset record's width, newline excluded: any 64-bit size fits.
+OFFSET_WIDTH = 20
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,8 @@ class VmDir:
 
     def save_console_boot_offset(self, offset: int) -> None:
         self.create()
-        replace_text(self.console_boot_file, str(offset))
+        # A fixed width, as the phase: written over the last offset in place.
+        overwrite_record(self.console_boot_file, str(offset).ljust(OFFSET_WIDTH) + "\n")
 
     def load_console_boot_offset(self) -> int:
         """Where the guest's last boot began in console.log (0 when never recorded)."""
