@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
+from agent.hypervisors.errors import RuntimeFailure
 from vmm import features
 from vmm.agent.v1 import agent_pb2
 from vmm.v1 import vm_pb2
@@ -194,3 +195,10 @@ def _paths_of(config: vm_pb2.VmConfig) -> list[_NamedPath]:
         paths.append(_option(f"config.network[{i}].options", Use.DEVICE, nic.options,
                              VFIO_OPTION))
     return paths
+
+
+def refuse(violations: list[agent_pb2.FieldViolation]) -> None:
+    """Fail with every violation, each naming its field (INVALID_ARGUMENT)."""
+    if violations:
+        raise RuntimeFailure("; ".join(f"{v.field}: {v.description}" for v in violations),
+                             "INVALID_ARGUMENT")

@@ -14,9 +14,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 
-from agent import process, restarts
+from agent import hotplug, process, restarts
 from agent.guest_panic import PANIC_REASON, PanicScanner
-from agent.host_paths import HostPathPolicy
+from agent.host_paths import HostPathPolicy, refuse
 from agent.jail import HypervisorJail, JailSettings
 from agent.network.guest import with_ip_args
 from agent.network.host import HostNetwork
@@ -44,12 +44,6 @@ ADOPT_CONCURRENCY = 32
 MONITOR_BATCH = 50
 # States _observe gives only a VM whose hypervisor process it found running.
 _LIVE_STATES = frozenset({S.VM_STATE_CREATED, S.VM_STATE_RUNNING, S.VM_STATE_PAUSED})
-
-
-def _refuse(violations: list[agent_pb2.FieldViolation]) -> None:
-    if violations:
-        raise RuntimeFailure("; ".join(f"{v.field}: {v.description}" for v in violations),
-                             "INVALID_ARGUMENT")
 
 
 class Reconciler:
@@ -330,7 +324,7 @@ class Reconciler:
     def _with_allowed_paths(self, vm: VmDir, desired: agent_pb2.DesiredVm
                             ) -> agent_pb2.DesiredVm:
         config, violations = self.host_paths.resolved(desired.config)
-        _refuse(violations)
+        refuse(violations)
         allowed = agent_pb2.DesiredVm()
         allowed.CopyFrom(desired)
         allowed.config.CopyFrom(config)
@@ -558,19 +552,21 @@ class Reconciler:
         if desired is None:
             raise RuntimeFailure(f"vm {request.vm_id} is not on this host", "NOT_FOUND")
         runtime = self.runtimes[desired.backend]
-        request = self._hotplug_with_allowed_paths(request)
+        request = hotplug.with_allowed_paths(self.host_paths, request)
         async with self.lock(request.vm_id):
             vm = self.state.vm(request.vm_id)
             if request.HasField("attach_disk"):
                 self.jail.hand_over(vm, request.attach_disk)
             vm.save_phase("hotplugging", desired.generation)
             try:
-                config = await self._hotplug_with_network(runtime, vm, desired, request)
+                config = await hotplug.with_network(self.network, runtime, vm, desired, request)
             except RuntimeFailure:
                 # Refused by the hypervisor: the VM runs as it did.
                 vm.save_phase(STEPS["hotplugging"], desired.generation)
                 raise
             failpoints.hit("agent.vm.hotplugged", request.vm_id)
+            if self.network is not None:
+                self.nics[vm.vm_id] = self.network.status(config)
             desired.config.CopyFrom(config)
             vm.save_desired(desired)
             self._saved[request.vm_id] = desired
@@ -578,44 +574,6 @@ class Reconciler:
             status = await self._observe(vm, desired)
             self._publish(vm, status)
             return agent_pb2.HotplugResult(config=config, state=status.state)
-
-    async def _hotplug_with_network(self, runtime: Runtime, vm: VmDir,
-                                    desired: agent_pb2.DesiredVm,
-                                    request: agent_pb2.HotplugRequest) -> vm_pb2.VmConfig:
-        """The runtime's hotplug, with a new NIC's TAP made before the device and a removed
-        NIC's TAP removed after it."""
-        network = self.network
-        if network is None or request.WhichOneof("change") not in ("attach_nic", "detach_nic"):
-            return await runtime.hotplug(vm, request)
-        if request.HasField("attach_nic"):
-            resolved = agent_pb2.HotplugRequest()
-            resolved.CopyFrom(request)
-            nic = await network.attach_nic(vm.vm_id, request.attach_nic,
-                                           len(desired.config.network), runtime)
-            resolved.attach_nic.CopyFrom(nic)
-            try:
-                config = await runtime.hotplug(vm, resolved)
-            except BaseException:
-                await network.release_nic(vm.vm_id, nic.id)
-                raise
-        else:
-            config = await runtime.hotplug(vm, request)
-            await network.release_nic(vm.vm_id, request.detach_nic)
-        self.nics[vm.vm_id] = network.status(config)
-        return config
-    def _hotplug_with_allowed_paths(self, request: agent_pb2.HotplugRequest
-                                    ) -> agent_pb2.HotplugRequest:
-        allowed = agent_pb2.HotplugRequest()
-        allowed.CopyFrom(request)
-        violations: list[agent_pb2.FieldViolation] = []
-        if request.HasField("attach_disk"):
-            disk, violations = self.host_paths.resolved_disk(request.attach_disk, "device")
-            allowed.attach_disk.CopyFrom(disk)
-        elif request.HasField("attach_nic"):
-            nic, violations = self.host_paths.resolved_nic(request.attach_nic, "interface")
-            allowed.attach_nic.CopyFrom(nic)
-        _refuse(violations)
-        return allowed
 
     def metrics_targets(self) -> list[tuple[str, str]]:
         """(vm_id, backend) of every VM whose metrics are worth sampling: running or paused

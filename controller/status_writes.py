@@ -66,16 +66,20 @@ class StatusWrites:
 
     def claim(self, vm_id: str) -> Report | None:
         """The VM's report, if it still waits for its batch: it is then the caller's to
-        write along with its own change. The caller settles it with `written`, or gives it
-        back with `unclaim` should its write fail."""
+        write along with its own change. The caller settles it with what it wrote
+        (`settle`), or gives it back (`unclaim`) should its write fail."""
         report = self._waiting.pop(vm_id, None)
         if report is not None:
             self._batches_of(report).withdraw(report.host_id, report)
         return report
 
-    @staticmethod
-    def written(report: Report, stored: StoredVm | None) -> None:
-        report.done.set_result(stored)
+    def settle(self, report: Report, written: StoredVm | None) -> None:
+        """The claimer's write carried the report; None: it wrote nothing, so the report
+        is written on its own after all."""
+        if written is None:
+            self.unclaim(report)
+        else:
+            report.done.set_result(written)
 
     def unclaim(self, report: Report) -> None:
         """A claimed report whose change was not written: it is written at once."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from controller.etcd import EtcdClient
-from controller.status_writes import StatusWrites
+from controller.status_writes import Report, StatusWrites
 from controller.store import Store, StoredVm
 from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2, vm_pb2
@@ -92,15 +92,23 @@ def booted(record: records_pb2.VmRecord) -> None:
     record.generation += 1
 
 
-async def test_a_change_takes_a_waiting_report_along(etcd_client: EtcdClient) -> None:
-    store = Store(etcd_client)
+async def claimed(store: Store) -> tuple[StatusWrites, StoredVm,
+                                         asyncio.Future[StoredVm | None], Report]:
+    """A VM's report, lingering, claimed as a change of the VM would: (the writes, the VM,
+    the reporter's pending write, the report)."""
     (vm,) = await created(store, "h1", 1)
     writes = StatusWrites(store)
     reporting = asyncio.ensure_future(writes.write("h1", vm.record.vm_id, to_running, vm,
-                                                       linger=True))
+                                                   linger=True))
     await asyncio.sleep(0)  # the report is queued, its batch lingers
     report = writes.claim(vm.record.vm_id)
     assert report is not None
+    return writes, vm, reporting, report
+
+
+async def test_a_change_takes_a_waiting_report_along(etcd_client: EtcdClient) -> None:
+    store = Store(etcd_client)
+    writes, vm, reporting, report = await claimed(store)
     assert writes.claim(vm.record.vm_id) is None  # one claimer only
 
     def both(record: records_pb2.VmRecord) -> None:
@@ -108,7 +116,7 @@ async def test_a_change_takes_a_waiting_report_along(etcd_client: EtcdClient) ->
         booted(record)
 
     written = await store.mutate_vm(vm.record.vm_id, both, known=report.known)
-    writes.written(report, written)
+    writes.settle(report, written)
     assert await reporting == written  # the reporter learns what the change wrote
     await asyncio.sleep(0.05)  # well past the linger: the batch writes nothing of its own
     found = await store.get_vm(vm.record.vm_id)
@@ -119,13 +127,7 @@ async def test_a_change_takes_a_waiting_report_along(etcd_client: EtcdClient) ->
 
 async def test_a_report_given_back_is_written_alone(etcd_client: EtcdClient) -> None:
     store = Store(etcd_client)
-    (vm,) = await created(store, "h1", 1)
-    writes = StatusWrites(store)
-    reporting = asyncio.ensure_future(writes.write("h1", vm.record.vm_id, to_running, vm,
-                                                       linger=True))
-    await asyncio.sleep(0)
-    report = writes.claim(vm.record.vm_id)
-    assert report is not None
+    writes, vm, reporting, report = await claimed(store)
     writes.unclaim(report)  # the change that claimed it failed
     stored = await reporting
     assert stored is not None and stored.record.status.state == RUNNING

@@ -249,12 +249,10 @@ class VmOperations:
             if report is not None:
                 self.hub.status_writes.unclaim(report)
             raise
-        if written is None:
-            if report is not None:
-                self.hub.status_writes.unclaim(report)  # nothing written: it goes alone
-            return state
         if report is not None:
-            self.hub.status_writes.written(report, written)
+            self.hub.status_writes.settle(report, written)
+        if written is None:
+            return state
         result = await self.await_generation(written.record, timeout)
         if result is None:
             raise not_found(vm_id)
