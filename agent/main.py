@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 
 from agent import config as config_module
+from agent import process
 from agent.cgroups import Hierarchy, VmCgroups, agent_group
 from agent.config import AgentConfig
 from agent.firecracker_jail import FirecrackerJailer
@@ -121,6 +122,7 @@ class Agent:
             await self.reconciler.stop_all()
         await self.reconciler.stop()
         self.reconciler.jail.close()
+        process.stop_standby()
 
 
 async def serve(config: AgentConfig) -> None:

@@ -8,6 +8,7 @@ start time, so a recycled pid is never mistaken for the VM.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import signal
@@ -50,6 +51,8 @@ class ProcessRef:
 
 
 WAITER = str(Path(__file__).with_name("waiter.py"))
+# Isolated, without site packages: the waiter imports nothing of the agent.
+WAITER_COMMAND = (sys.executable, "-I", "-S", WAITER)
 # Seconds a waiter may take to start its hypervisor.
 WAITER_START_TIMEOUT = 10.0
 
@@ -107,6 +110,7 @@ async def start(argv: Sequence[str], console_log: Path, cwd: Path | None = None,
         return Started(ProcessRef(proc.pid, psutil.Process(proc.pid).create_time()), moving)
     child = await _waiters_child(proc)
     ref = ProcessRef(child.pid, child.create_time(), str(exit_file))
+    start_standby_soon()  # for the next VM, now that this one's process is up
     if not by_agent:
         return Started(ref, moving)
 
@@ -138,31 +142,101 @@ def _launch(argv: Sequence[str], console_log: Path, cwd: Path | None,
             confinement: Confinement | None, joins: Sequence[Path] = ()
             ) -> subprocess.Popen[bytes]:
     """The process spawn() starts: argv itself, or its waiter (joining the cgroup files
-    `joins` first)."""
+    `joins` first), the standby one when there is one."""
     console_log.parent.mkdir(parents=True, exist_ok=True)
     command = list(argv)
     if confinement is not None:
         command = [*confinement.drop_privileges(), *command]
+    proc = None
     if exit_file is not None:
         exit_file.unlink(missing_ok=True)
-        command = [sys.executable, "-I", "-S", WAITER,
-                   *(arg for path in joins for arg in ("--join", str(path))),
+        command = [*(arg for path in joins for arg in ("--join", str(path))),
                    str(exit_file), *command]
-    with open(console_log, "ab", buffering=0) as out, \
-            open(hypervisor_log or os.devnull, "ab", buffering=0) as err:
-        proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err if hypervisor_log else subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
-    _reap_in_background(proc)
+        proc = _hand_to_standby(command, console_log, cwd, env, hypervisor_log)
+        if proc is None:
+            command = [*WAITER_COMMAND, *command]
+    if proc is None:
+        with open(console_log, "ab", buffering=0) as out, \
+                open(hypervisor_log or os.devnull, "ab", buffering=0) as err:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err if hypervisor_log else subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        _reap_in_background(proc)
     failpoints.hit("agent.process.spawned", console_log.parent.name)
     return proc
+
+
+# A waiter started ahead of need, idle until it is handed a process to start (see
+# agent.waiter): a create then does not wait for an interpreter to start.
+_standby: subprocess.Popen[bytes] | None = None
+_standby_lock = threading.Lock()
+
+
+def start_standby_soon() -> None:
+    """Have a standby waiter ready, started in a thread: forking the agent takes a
+    millisecond or two that the event loop does not wait for."""
+    threading.Thread(target=_start_standby, daemon=True, name="standby-waiter").start()
+
+
+def _start_standby() -> None:
+    global _standby
+    with _standby_lock:
+        if _standby is not None and _standby.poll() is None:
+            return
+    # Its stdout and stderr until it is handed work: the agent's own log, where a broken
+    # request would show. Its working directory pins nothing.
+    proc = subprocess.Popen([*WAITER_COMMAND, "--standby"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, cwd="/", start_new_session=True,
+                            close_fds=True)
+    _reap_in_background(proc)
+    with _standby_lock:
+        spare, _standby = _standby, proc
+    if spare is not None:  # another thread started one meanwhile: one is enough
+        _end(spare)
+
+
+def _hand_to_standby(waiter_args: Sequence[str], console_log: Path, cwd: Path | None,
+                     env: dict[str, str] | None, hypervisor_log: Path | None
+                     ) -> subprocess.Popen[bytes] | None:
+    """The standby waiter, now starting waiter_args; None when there is none (to start one
+    afresh instead)."""
+    global _standby
+    with _standby_lock:
+        proc, _standby = _standby, None
+    if proc is None or proc.stdin is None or proc.poll() is not None:
+        return None
+    request = {"args": list(waiter_args), "stdout": str(console_log), "cwd": cwd and str(cwd),
+               "stderr": hypervisor_log and str(hypervisor_log), "env": env}
+    try:
+        proc.stdin.write(json.dumps(request).encode() + b"\n")
+        proc.stdin.close()
+    except OSError:  # it died just now
+        proc.kill()
+        return None
+    return proc
+
+
+def stop_standby() -> None:
+    """End the standby waiter, if any (it ends by itself once the agent is gone)."""
+    global _standby
+    with _standby_lock:
+        proc, _standby = _standby, None
+    if proc is not None:
+        _end(proc)
+
+
+def _end(standby: subprocess.Popen[bytes]) -> None:
+    standby.kill()
+    standby.wait()
+    if standby.stdin is not None:
+        standby.stdin.close()
 
 
 def _enter_cgroup(proc: subprocess.Popen[bytes], pid: int,

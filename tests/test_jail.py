@@ -304,11 +304,13 @@ def test_firecracker_under_the_jailer_boots_pauses_is_adopted_and_leaves_nothing
     assert disk.stat().st_uid == 0
 
 
+@pytest.mark.parametrize("waiter", ["fresh", "standby"])
 def test_a_hypervisor_is_born_in_its_cgroup_and_a_refused_join_starts_nothing(
-        tmp_path: Path) -> None:
+        tmp_path: Path, waiter: str) -> None:
     """On cgroup v1 the waiter writes itself into the group before it starts the process
     (no move by pid, whose lock waits out an RCU grace period); on v2 the agent moves both.
-    Either way the process is in its group once `confined` settles."""
+    Either way the process is in its group once `confined` settles, whether its waiter was
+    started for it or was standing by."""
     hierarchy = Hierarchy.detect()
     if hierarchy is None:
         pytest.skip("needs cgroups with the cpu, memory and pids controllers")
@@ -316,24 +318,35 @@ def test_a_hypervisor_is_born_in_its_cgroup_and_a_refused_join_starts_nothing(
     procs = groups.create("vm", Limits(vcpus=1, memory_bytes=256 * MIB, pids=64))
     exit_file = tmp_path / "exit"
 
-    async def started_and_confined() -> int:
+    async def started_and_confined() -> tuple[int, bool]:
+        process.stop_standby()
+        if waiter == "standby":
+            # Any process started under a waiter leaves one standing by.
+            await process.start(["true"], tmp_path / "warm.log", exit_file=tmp_path / "warm")
+            while process._standby is None:  # started in a thread
+                await asyncio.sleep(0.01)
         started = await process.start(["sleep", "30"], tmp_path / "console.log",
                                       exit_file=exit_file,
                                       confinement=Confinement(cgroup_procs=tuple(map(str, procs))))
+        nothing_to_move = started.confined.done()
         await started.confined
-        return started.ref.pid
+        return started.ref.pid, nothing_to_move
 
     try:
-        pid = asyncio.run(started_and_confined())
+        pid, nothing_to_move = asyncio.run(started_and_confined())
         try:
             assert {d.name for d in cgroup_dirs(pid).values()} == {"vm"}
-            waiter = psutil.Process(pid).ppid()
-            joins = Path(f"/proc/{waiter}/cmdline").read_bytes().count(b"--join\0")
-            assert joins == (len(procs) if hierarchy.version == 1 else 0)
+            assert nothing_to_move == (hierarchy.version == 1)
+            cmdline = psutil.Process(psutil.Process(pid).ppid()).cmdline()
+            assert ("--standby" in cmdline) == (waiter == "standby")
+            if waiter == "fresh":
+                assert cmdline.count("--join") == (len(procs) if hierarchy.version == 1 else 0)
         finally:
             os.kill(pid, signal.SIGKILL)
+            process.stop_standby()
         wait_until(lambda: exit_file.exists(), timeout=10, what="the waiter to record the exit")
-        assert groups.remove("vm")
+        # The waiter leaves the group a moment after its record.
+        wait_until(lambda: groups.remove("vm"), timeout=10, what="the group to empty")
     finally:
         for d in hierarchy.dirs(groups.base):
             with contextlib.suppress(OSError):
