@@ -177,29 +177,35 @@ def _launch(argv: Sequence[str], console_log: Path, cwd: Path | None,
 # agent.waiter): a create then does not wait for an interpreter to start.
 _standby: subprocess.Popen[bytes] | None = None
 _standby_lock = threading.Lock()
+_standby_starting = False  # one thread at a time starts it, however many VMs start at once
 
 
 def start_standby_soon() -> None:
     """Have a standby waiter ready, started in a thread: forking the agent takes a
     millisecond or two that the event loop does not wait for."""
+    global _standby_starting
+    with _standby_lock:
+        if _standby_starting or (_standby is not None and _standby.poll() is None):
+            return
+        _standby_starting = True
     threading.Thread(target=_start_standby, daemon=True, name="standby-waiter").start()
 
 
 def _start_standby() -> None:
-    global _standby
-    with _standby_lock:
-        if _standby is not None and _standby.poll() is None:
-            return
-    # Its stdout and stderr until it is handed work: the agent's own log, where a broken
-    # request would show. Its working directory pins nothing.
-    proc = subprocess.Popen([*WAITER_COMMAND, "--standby"], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, cwd="/", start_new_session=True,
-                            close_fds=True)
-    _reap_in_background(proc)
-    with _standby_lock:
-        spare, _standby = _standby, proc
-    if spare is not None:  # another thread started one meanwhile: one is enough
-        _end(spare)
+    global _standby, _standby_starting
+    proc = None
+    try:
+        # Its stdout and stderr until it is handed work: the agent's own log, where a
+        # broken request would show. Its working directory pins nothing.
+        proc = subprocess.Popen([*WAITER_COMMAND, "--standby"], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, cwd="/", start_new_session=True,
+                                close_fds=True)
+        _reap_in_background(proc)
+    finally:
+        with _standby_lock:
+            _standby_starting = False
+            if proc is not None:
+                _standby = proc
 
 
 def _hand_to_standby(waiter_args: Sequence[str], console_log: Path, cwd: Path | None,

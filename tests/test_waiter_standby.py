@@ -123,3 +123,17 @@ def test_stopping_the_standby_leaves_no_process(tmp_path: Path) -> None:
     process.stop_standby()
     assert not psutil.pid_exists(pid) or \
         psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_many_processes_started_at_once_leave_one_standby(tmp_path: Path) -> None:
+    async def run() -> None:
+        refs = await asyncio.gather(*(start_script(tmp_path / f"vm-{i}") for i in range(6)))
+        assert len({ref.pid for ref in refs}) == 6
+        standby()
+
+    asyncio.run(run())
+    standing_by = [p for p in psutil.Process().children()
+                   if p.cmdline() == [*WAITER_COMMAND, "--standby"] and p.status() != "zombie"]
+    assert len(standing_by) == 1
+    for i in range(6):
+        finish(tmp_path / f"vm-{i}")
