@@ -14,7 +14,7 @@ commit lands or fails, so concurrent decisions do not hand out the same room twi
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from controller.scheduler import (
@@ -193,19 +193,6 @@ class _Entry:
         return None
 
 
-def _searched(class_ids: tuple[int, ...], usable: dict[int, tuple[Demand, int]],
-              search: Callable[[Demand], tuple[int, int, str] | None]
-              ) -> Iterator[tuple[list[int], Demand, tuple[int, int, str]]]:
-    by_need: dict[Demand, list[int]] = {}
-    for class_id in class_ids:
-        if class_id in usable:
-            by_need.setdefault(usable[class_id][0], []).append(class_id)
-    for need, wanting in by_need.items():
-        hit = search(need)
-        if hit is not None:
-            yield wanting, need, hit
-
-
 class FleetIndex:
     """Hosts by class and shape, kept current by the caller; answers place() from memory."""
 
@@ -319,26 +306,29 @@ class FleetIndex:
         to the smallest host id. Unless the caller names a backend, one that honours every
         field the config sets wins over one that would ignore some.
         """
-        why = NoPlacement(demand=demand_for(config, False))
         named = self._hosts.get(host_id) if host_id else None
         if host_id and (named is None or named.slot is None):
-            return why
+            return NoPlacement(demand=demand_for(config, False))
         bridges = bridges_for(config)
         if bridges and not (bridges <= named.view.bridges if named else any(
                 group and bridges <= group.bridges for group in self._groups.values())):
-            why.missing_bridges = bridges
-            return why
+            return NoPlacement(demand=demand_for(config, False), missing_bridges=bridges)
         used = features.features_used(config)  # the same for every class
+        boot = demand_for(config, False)
+        reserved = demand_for(config, True) if reserve_max else boot
+        offered: set[str] = set()
         verdicts: dict[int, BackendFit] = {}
         # Per backend name, the refusing class with the smallest key speaks for it.
         refusals: dict[str, tuple[bytes, BackendFit]] = {}
-        # Classes that can run the config: what the VM would hold there, its tie-break rank.
-        usable: dict[int, tuple[Demand, int]] = {}
+        # Distinct demand -> the classes that can run the config and would hold that much.
+        wanting: dict[Demand, list[int]] = {}
+        # Class -> how it orders among choices on one host: (ignores fields, simulated, rank).
+        order: dict[int, tuple[bool, bool, int]] = {}
         for class_id in named.class_ids if named else range(len(self._classes)):
             cls = self._classes[class_id]
             if (backend and cls.name != backend) or not self._ready_count[class_id]:
                 continue
-            why.offered_backends.add(cls.name)
+            offered.add(cls.name)
             fit = verdicts[class_id] = check_backend(config, cls.backend.capabilities,
                                                      used=used)
             if not fit.ok:
@@ -346,41 +336,52 @@ class FleetIndex:
                     refusals[cls.name] = (cls.key, fit)
                 continue
             rank = preference.index(cls.name) if cls.name in preference else len(preference)
-            usable[class_id] = (cls.demand(config, reserve_max), rank)
-        # (order, class id, need): the Choice is built for the winner only.
-        candidates: list[tuple[tuple[DensestFirst, bool, int, str], int, Demand]] = []
-        for class_ids, need, hit in self._hits(usable, named, bridges):
-            host = self._hosts[hit[2]].view
-            density = DensestFirst(host, hit[0], hit[1], need)
-            for class_id in class_ids:
-                candidates.append(((density, self._classes[class_id].backend.simulated,
-                                    usable[class_id][1], host.host_id), class_id, need))
-        if candidates:
-            if not backend and any(not verdicts[c[1]].warnings for c in candidates):
-                candidates = [c for c in candidates if not verdicts[c[1]].warnings]
-            order, class_id, need = min(candidates, key=lambda c: c[0])
-            return Choice(self._hosts[order[3]].view, self._classes[class_id].backend,
-                          verdicts[class_id], need)
-        ok = [cid for cid, fit in verdicts.items() if fit.ok]
-        if not ok:
+            order[class_id] = (bool(fit.warnings) and not backend, cls.backend.simulated, rank)
+            wanting.setdefault(reserved if cls.honours_max_vcpus else boot, []).append(class_id)
+        best = self._best(wanting, order, named, bridges)
+        if best is not None:
+            need, host, class_id = best
+            return Choice(host, self._classes[class_id].backend, verdicts[class_id], need)
+        why = NoPlacement(demand=boot, offered_backends=offered)
+        if not order:
             why.backend_violations = {name: fit.violations for name, (_, fit) in refusals.items()}
-        why.roomiest = self._roomiest(ok, named, bridges)
-        asked = min((self._classes[cid] for cid in ok if self._classes[cid].name == backend),
+        why.roomiest = self._roomiest(list(order), named, bridges)
+        asked = min((self._classes[cid] for cid in order if self._classes[cid].name == backend),
                     key=lambda cls: cls.key, default=None)
         if asked:
-            why.demand = asked.demand(config, reserve_max)
+            why.demand = reserved if asked.honours_max_vcpus else boot
         return why
 
-    def _hits(self, usable: dict[int, tuple[Demand, int]], named: _Entry | None,
-              bridges: frozenset[str]) -> Iterator[tuple[list[int], Demand, tuple[int, int, str]]]:
-        """(classes, demand, best host): per group that has the bridges, one search for
-        each distinct demand of the usable classes it offers."""
+    def _best(self, wanting: dict[Demand, list[int]], order: dict[int, tuple[bool, bool, int]],
+              named: _Entry | None, bridges: frozenset[str]
+              ) -> tuple[Demand, HostView, int] | None:
+        """(demand, host, class) of the winning choice: per group that has the bridges, one
+        search for each distinct demand of the classes it offers; on the host found, the
+        class that orders first."""
+        searches: Iterable[tuple[tuple[int, ...], Callable[[Demand], tuple[int, int, str] | None]]]
         if named is not None:
-            yield from _searched(named.class_ids, usable, named.best_fit)
-            return
-        for group in self._groups.values():
-            if group and bridges <= group.bridges:
-                yield from _searched(group.class_ids, usable, group.best_fit)
+            searches = ((named.class_ids, named.best_fit),)
+        else:
+            searches = ((group.class_ids, group.best_fit) for group in self._groups.values()
+                        if group and bridges <= group.bridges)
+        best: tuple[bool, DensestFirst, bool, int, str] | None = None
+        winner: tuple[Demand, HostView, int] | None = None
+        for class_ids, best_fit in searches:
+            for need, classes in wanting.items():
+                offering = [c for c in classes if c in class_ids]
+                if not offering:
+                    continue
+                hit = best_fit(need)
+                if hit is None:
+                    continue
+                class_id = min(offering, key=order.__getitem__)
+                ignores, simulated, rank = order[class_id]
+                host = self._hosts[hit[2]].view
+                key = (ignores, DensestFirst(host, hit[0], hit[1], need), simulated, rank,
+                       host.host_id)
+                if best is None or key < best:
+                    best, winner = key, (need, host, class_id)
+        return winner
 
     def _roomiest(self, class_ids: list[int], named: _Entry | None,
                   bridges: frozenset[str]) -> Room | None:

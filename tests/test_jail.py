@@ -323,8 +323,9 @@ def test_a_hypervisor_is_born_in_its_cgroup_and_a_refused_join_starts_nothing(
         if waiter == "standby":
             # Any process started under a waiter leaves one standing by.
             await process.start(["true"], tmp_path / "warm.log", exit_file=tmp_path / "warm")
-            while process._standby is None:  # started in a thread
-                await asyncio.sleep(0.01)
+            # Started in a thread, so waiting here blocks nothing it needs.
+            wait_until(lambda: process._standby is not None, timeout=10,
+                       what="a standby waiter")
         started = await process.start(["sleep", "30"], tmp_path / "console.log",
                                       exit_file=exit_file,
                                       confinement=Confinement(cgroup_procs=tuple(map(str, procs))))
