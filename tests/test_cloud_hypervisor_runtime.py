@@ -30,10 +30,10 @@ from agent.hypervisors.cloud_hypervisor_api import (
 )
 from agent.hypervisors.errors import HypervisorApiError
 from agent.runtimes.base import RuntimeFailure, RuntimeSettings
-from agent.runtimes.cloud_hypervisor import (
-    CloudHypervisorRuntime,
+from agent.runtimes.cloud_hypervisor import CloudHypervisorRuntime
+from agent.runtimes.cloud_hypervisor_capabilities import (
     cloud_hypervisor_capabilities,
-    offers_gdb,
+    help_text,
     simulator_path,
 )
 from agent.runtimes.cloud_hypervisor_config import (
@@ -754,14 +754,14 @@ async def test_the_simulated_release_build_offers_no_gdb(
         pytest.skip("the cloud-hypervisor-sim console script is not installed")
 
     def gdb_support() -> int:
-        offers_gdb.cache_clear()
+        help_text.cache_clear()
         return features.support_of(simulated.capabilities(), "debug.gdb").support
 
     monkeypatch.delenv("CLOUD_HYPERVISOR_SIM_GUEST_DEBUG", raising=False)
     assert gdb_support() == host_pb2.SUPPORT_NONE
     monkeypatch.setenv("CLOUD_HYPERVISOR_SIM_GUEST_DEBUG", "1")
     assert gdb_support() == host_pb2.SUPPORT_FULL
-    offers_gdb.cache_clear()
+    help_text.cache_clear()
 
 
 async def test_a_pending_vcpu_removal_is_explained(backend: Backend, vm: VmDir) -> None:

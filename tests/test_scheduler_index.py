@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.runtimes.cloud_hypervisor import cloud_hypervisor_capabilities
+from agent.runtimes.cloud_hypervisor_capabilities import cloud_hypervisor_capabilities
 from agent.runtimes.firecracker import LIMITS as FC_LIMITS
 from agent.runtimes.firecracker import SUPPORT_MATRIX as FC_MATRIX
 from controller.fleet_index import FleetIndex

@@ -15,6 +15,9 @@ own log goes to hypervisor.log.
 
 When the config names a readiness marker (boot_options["ready_marker"]), boot
 and reboot wait up to `boot_timeout` for it on the console (agent.runtimes.readiness).
+
+What the backend supports and what the binary offers: cloud_hypervisor_capabilities;
+changes to a running VM: cloud_hypervisor_hotplug.
 """
 
 from __future__ import annotations
@@ -22,12 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any, cast
 
 from google.protobuf import json_format
 
@@ -36,8 +35,6 @@ from agent.hypervisors.clients import METRICS_TIMEOUT, ClientCache
 from agent.hypervisors.cloud_hypervisor_api import (
     CloudHypervisorApi,
     CloudHypervisorApiError,
-    DeviceJson,
-    NetJson,
     VmConfigJson,
     VmInfo,
     VmState,
@@ -54,24 +51,26 @@ from agent.runtimes.base import (
     positive_int,
     rotate_log,
 )
+from agent.runtimes.cloud_hypervisor_capabilities import (
+    binary_version,
+    cloud_hypervisor_capabilities,
+    offers_gdb,
+    offers_landlock,
+    simulator_path,
+)
 from agent.runtimes.cloud_hypervisor_config import (
-    MIB,
-    disk_to_attach,
-    nic_to_attach,
-    running_config,
     translate_config,
     vm_config_or_refuse,
 )
 from agent.runtimes.cloud_hypervisor_events import EventMonitor, event_file
+from agent.runtimes.cloud_hypervisor_hotplug import apply_hotplug
 from agent.runtimes.readiness import console_offset, ready_marker, wait_for_console_marker
 from agent.vm_dir import VmDir
 from vmm import features
 from vmm.agent.v1 import agent_pb2
-from vmm.features import feature
 from vmm.v1 import host_pb2, vm_pb2
 
 BINARY_NAME = "cloud-hypervisor"
-SIMULATOR_NAME = "cloud-hypervisor-sim"
 # Seconds between two looks at a VM that is stopping.
 POLL_INTERVAL = 0.05
 # Seconds the VMM gets to exit by itself after vmm.shutdown before it is killed.
@@ -89,100 +88,6 @@ _VM_STATES = {
 PHASE_CREATED = "created"
 PHASE_BOOTED = "booted"
 PHASE_STOPPED = "stopped"
-
-
-# ---- the support matrix ---------------------------------------------------------------
-
-
-def cloud_hypervisor_capabilities(gdb: bool | None = None) -> host_pb2.BackendCapabilities:
-    """The Cloud Hypervisor column of the backend support matrix. `gdb`: whether the
-    installed binary takes --gdb (None: as declared for any build)."""
-    full = host_pb2.SUPPORT_FULL
-    gdb_feature = (feature("debug.gdb", full,
-                           "needs a cloud-hypervisor built with the guest_debug feature")
-                   if gdb is None or gdb else
-                   feature("debug.gdb", host_pb2.SUPPORT_NONE,
-                           "this cloud-hypervisor was built without the guest_debug feature "
-                           "(its --help offers no --gdb)"))
-    return host_pb2.BackendCapabilities(
-        backend=features.CLOUD_HYPERVISOR,
-        limits=host_pb2.BackendLimits(min_vcpus=1, max_vcpus=448, min_memory_bytes=512 * MIB,
-                                      max_memory_bytes=0, max_disks=0, max_nics=0),
-        features=[
-            feature("vm.create", full, "all unified API fields, in one vm.create"),
-            feature("vm.boot", full),
-            feature("vm.shutdown", full,
-                    "graceful: ACPI power button, then forced after the timeout"),
-            feature("vm.pause_resume", full),
-            feature("vm.reboot", full, "VMM-level reset (vm.reboot)"),
-            feature("vm.delete", full, "resource cleanup"),
-            feature("cpu.vcpu_count", full, "1-448 vCPUs"),
-            feature("cpu.hotplug", full, "runtime vCPU scaling up to max_vcpu_count"),
-            feature("cpu.max_vcpu_count", full, "honored: the hotplug ceiling"),
-            feature("cpu.topology", full, "sockets, cores, threads"),
-            feature("cpu.affinity", full,
-                    'pin vCPUs to host CPUs: features["affinity"]; vm.create must fit Cloud '
-                    "Hypervisor's 51,200-byte request limit (448 vCPUs pinned to 32 host CPUs "
-                    "each do; larger pinnings are refused at create)"),
-            feature("memory.size", full, "512 MiB - 1 TiB+"),
-            feature("memory.hotplug", full,
-                    "ACPI hot-add up to max_size_bytes in 128 MiB steps; no NUMA, no unplug"),
-            feature("memory.hugepages", full, "2 MiB / 1 GiB"),
-            feature("memory.numa", full, "guest NUMA nodes with their own memory zones"),
-            feature("memory.sharing", full, "shared guest memory, as vhost-user needs"),
-            feature("storage.block", full, "files + raw block devices"),
-            feature("storage.read_only", full),
-            feature("storage.multiple", full, "unlimited"),
-            feature("storage.hotplug", full),
-            feature("storage.advanced_io", full,
-                    "io_uring/aio/sync, O_DIRECT, queues, rate limiting"),
-            feature("network.tap", full, "multiple TAP interfaces"),
-            feature("network.mac", full, "custom MAC addresses"),
-            feature("network.vhost_user", full, 'options["vhost_socket"]'),
-            feature("network.hotplug", full),
-            feature("network.sriov", full, 'VFIO passthrough: options["vfio_path"]'),
-            feature("console.serial", full),
-            feature("console.logging", full, "file output"),
-            feature("debug.rich", full, "counters, device tree, hypervisor log"),
-            gdb_feature,
-        ],
-    )
-
-
-# ---- binaries --------------------------------------------------------------------------
-
-
-def simulator_path() -> str | None:
-    """The project's Cloud Hypervisor API simulator, installed beside this Python."""
-    found = shutil.which(SIMULATOR_NAME)
-    if found:
-        return found
-    beside = Path(sys.executable).with_name(SIMULATOR_NAME)
-    return str(beside) if beside.exists() else None
-
-
-@functools.lru_cache(maxsize=8)
-def offers_gdb(binary: str) -> bool:
-    """Whether the binary takes --gdb: only builds with the guest_debug feature do, and a
-    default release build refuses to start when given it. Read once from its --help."""
-    try:
-        done = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=5,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "--gdb" in done.stdout
-
-
-@functools.lru_cache(maxsize=8)
-def binary_version(binary: str) -> str:
-    """"v53.0" from `cloud-hypervisor --version` ("cloud-hypervisor v53.0 ...")."""
-    try:
-        done = subprocess.run([binary, "--version"], capture_output=True, text=True,
-                              timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    words = done.stdout.split()
-    return words[1] if len(words) > 1 else ""
 
 
 # ---- the runtime -----------------------------------------------------------------------
@@ -203,7 +108,6 @@ class CloudHypervisorRuntime(Runtime):
         # One keep-alive API client per VM for vm.counters.
         self._metrics_clients: ClientCache[CloudHypervisorApi] = ClientCache(
             functools.partial(CloudHypervisorApi, timeout=METRICS_TIMEOUT))
-        self._landlock: bool | None = None  # does the binary have Landlock?
 
     @classmethod
     def detect(cls, settings: RuntimeSettings) -> CloudHypervisorRuntime | None:
@@ -241,21 +145,11 @@ class CloudHypervisorRuntime(Runtime):
     def _sandboxed(self, vm_config: VmConfigJson) -> VmConfigJson:
         """Landlock on, where the binary has it: Cloud Hypervisor then reaches only the
         files of the config, and the host path roots for devices plugged in later."""
-        if self._has_landlock():
+        if offers_landlock(self.binary):
             vm_config["landlock_enable"] = True
             vm_config["landlock_rules"] = [{"path": root, "access": "rw"}
                                            for root in self.settings.host_path_roots]
         return vm_config
-
-    def _has_landlock(self) -> bool:
-        if self._landlock is None:
-            try:
-                usage = subprocess.run([self.binary, "--help"], capture_output=True,
-                                       text=True, timeout=10).stdout
-            except (OSError, subprocess.TimeoutExpired):
-                usage = ""
-            self._landlock = "--landlock" in usage
-        return self._landlock
 
     async def create(self, vm: VmDir, desired: agent_pb2.DesiredVm) -> None:
         vm_config = self._sandboxed(vm_config_or_refuse(desired.config))
@@ -451,82 +345,10 @@ class CloudHypervisorRuntime(Runtime):
 
     async def hotplug(self, vm: VmDir, request: agent_pb2.HotplugRequest) -> vm_pb2.VmConfig:
         self._require_process(vm)
-        recorded = self._recorded_config(vm)
-        change = request.WhichOneof("change")
         async with self._api(vm) as api:
-            before = await api.vm_info()
-            if change == "resize":
-                await self._resize(vm, api, before, request.resize)
-            elif change == "attach_disk":
-                recorded.storage.append(request.attach_disk)
-                await api.add_disk(disk_to_attach(recorded))
-            elif change == "attach_nic":
-                recorded.network.append(request.attach_nic)
-                nic = nic_to_attach(recorded)
-                if "path" in nic:
-                    await api.add_device(cast(DeviceJson, nic))
-                else:
-                    await api.add_net(cast(NetJson, nic))
-            elif change == "detach_disk":
-                await self._detach(vm, api, before, request.detach_disk, ("disks",), "disk")
-            elif change == "detach_nic":
-                await self._detach(vm, api, before, request.detach_nic, ("net", "devices"),
-                                   "network interface")
-            else:
-                raise RuntimeFailure("the hotplug request names no change", "INVALID_ARGUMENT")
-            updated = running_config(recorded, await api.vm_info())
+            updated = await apply_hotplug(vm, api, self._recorded_config(vm), request)
         self._update_record(vm, config=json_format.MessageToDict(updated))
         return updated
-
-    @staticmethod
-    async def _detach(vm: VmDir, api: CloudHypervisorApi, info: VmInfo, device_id: str,
-                      kinds: tuple[str, ...], what: str) -> None:
-        if device_id not in {d.get("id") for kind in kinds for d in info.devices(kind)}:
-            raise RuntimeFailure(f"VM {vm.vm_id} has no {what} with id {device_id!r}",
-                                 "NOT_FOUND")
-        await api.remove_device(device_id)
-
-    async def _resize(self, vm: VmDir, api: CloudHypervisorApi, info: VmInfo,
-                      resize: vm_pb2.ResizeVmRequest) -> None:
-        cpus, memory = info.config.get("cpus") or {}, info.config.get("memory") or {}
-        vcpus = resize.vcpu_count or None
-        if vcpus is not None and vcpus > int(cpus.get("max_vcpus", 0)):
-            raise RuntimeFailure(
-                f"vcpu_count {vcpus} exceeds the VM's max_vcpu_count "
-                f"{cpus.get('max_vcpus')}: Cloud Hypervisor hot-adds vCPUs only up to "
-                "config.cpu.max_vcpu_count, set when the VM is created", "INVALID_ARGUMENT")
-        ram = resize.memory_size_bytes or None
-        if ram is not None and ram != int(memory.get("size", 0)):
-            self._check_memory_resize(vm, memory, ram)
-        try:
-            await api.resize(desired_vcpus=vcpus, desired_ram=ram)
-        except CloudHypervisorApiError as e:
-            if e.status != 429:
-                raise
-            # A vCPU removal stays pending until the guest ejects the vCPUs (ACPI CPU
-            # hotplug); one that has no CPU hotplug never does.
-            raise RuntimeFailure(
-                f"VM {vm.vm_id} still has a vCPU removal pending: the guest has not ejected "
-                "the vCPUs an earlier resize took away, and Cloud Hypervisor refuses every "
-                "vCPU resize until it does (a guest without ACPI CPU hotplug never does; "
-                "reboot it to apply the new count)", "FAILED_PRECONDITION") from e
-
-    def _check_memory_resize(self, vm: VmDir, memory: dict[str, Any], ram: int) -> None:
-        if memory.get("zones"):
-            raise RuntimeFailure("memory hotplug is not available for a VM with NUMA nodes "
-                                 "on cloud-hypervisor", "FAILED_PRECONDITION")
-        maximum = int(vm.load_runtime().get("max_memory_bytes") or 0)
-        if "hotplug_size" not in memory or not maximum:
-            raise RuntimeFailure("memory hotplug needs config.memory.hotplug_enabled and a "
-                                 "config.memory.max_size_bytes above size_bytes when the VM is "
-                                 "created", "INVALID_ARGUMENT")
-        if ram > maximum:
-            raise RuntimeFailure(f"memory_size_bytes {ram} exceeds the VM's max_size_bytes "
-                                 f"{maximum} (config.memory.max_size_bytes)", "INVALID_ARGUMENT")
-        if ram < int(memory.get("size", 0)):
-            raise RuntimeFailure("Cloud Hypervisor cannot take ACPI-hotplugged memory back from "
-                                 "a running guest; memory_size_bytes may only grow",
-                                 "INVALID_ARGUMENT")
 
     # ---- helpers
 

@@ -7,7 +7,7 @@ import random
 import time
 from typing import Any
 
-from agent.runtimes.cloud_hypervisor import cloud_hypervisor_capabilities
+from agent.runtimes.cloud_hypervisor_capabilities import cloud_hypervisor_capabilities
 from agent.runtimes.firecracker import LIMITS as FC_LIMITS
 from agent.runtimes.firecracker import SUPPORT_MATRIX as FC_MATRIX
 from agent.runtimes.qemu.capabilities import LIMITS as QEMU_LIMITS
