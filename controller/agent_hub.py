@@ -288,16 +288,17 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"this credential speaks for host {caller.host_id} only, "
                                 f"not {host_id}")
-        session = AgentSession(host_id, register)
+        session = AgentSession(host_id, register.backends)
         session.caller = caller
         opened = False
         try:
-            await self._register(session)
+            await self._register(session, register)
             opened = True
             # Together, so that the host's reports share transactions (StatusWrites).
             await asyncio.gather(*(self.apply_status(session, status)
                                    for status in register.vms))
-            await self._finish_deletions(session)
+            await self._finish_deletions(session, {status.vm_id for status in register.vms})
+            del first, register  # what the registration said is in etcd and the fleet now
             reader = asyncio.create_task(self._read(session, context))
             writer = asyncio.create_task(self._write(session, context))
             try:
@@ -323,12 +324,11 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                 self._close(session)
             log.info("host %s disconnected", host_id)
 
-    async def _finish_deletions(self, session: AgentSession) -> None:
+    async def _finish_deletions(self, session: AgentSession, reported: set[str]) -> None:
         """Records of this host marked for deletion that its agent does not have: the agent
         removed the VM but its report was lost (or it never had it). Finalise them now;
         O(the host's VMs). Those it does have it removes, as they are not in its desired
         set, and reports as removed."""
-        reported = {status.vm_id for status in session.register.vms}
         for stored in self.cache.on_host(session.host_id):
             record = stored.record
             if record.deleting and record.vm_id not in reported:
@@ -337,10 +337,9 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                              record.vm_id, session.host_id, extra={"vm_id": record.vm_id})
                     self.telemetry.vm_deleted(record)
 
-    async def _register(self, session: AgentSession) -> None:
+    async def _register(self, session: AgentSession, reg: agent_pb2.Register) -> None:
         """Write the host record and alive key (bounded in concurrency), then open the
         session: it is in `sessions` from here on. O(the host's VMs), never O(fleet)."""
-        reg = session.register
         host_id = reg.host_id
         async with self._registrations:
             existing = await self.store.get_host(host_id)
@@ -369,7 +368,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             if current is not None and current.alive_revision > revision:
                 # Another stream of the same host registered after this one: it wins.
                 raise Superseded(f"host {host_id} registered again on a newer stream")
-            self._open(session)
+            self._open(session, reg)
 
     def drop_withdrawn(self, access: Access) -> None:
         """End the streams of agents whose token the new access file no longer holds."""
@@ -384,7 +383,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
                 session.revoked = True
                 session.send(agent_pb2.ConnectResponse())  # wakes the writer
 
-    def _open(self, session: AgentSession) -> None:
+    def _open(self, session: AgentSession, reg: agent_pb2.Register) -> None:
         host_id = session.host_id
         old = self.sessions.get(host_id)
         if old is not None:
@@ -402,7 +401,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
         if not self._retune():
             session.send(self.heartbeat_settings())
         log.info("host %s registered: %d backends, %d VMs reported, %d desired", host_id,
-                 len(session.register.backends), len(session.register.vms), len(desired))
+                 len(reg.backends), len(reg.vms), len(desired))
         self._notify(host_id)
 
     def _close(self, session: AgentSession) -> None:

@@ -36,7 +36,10 @@ class Fleet:
         self.store = store
         self.hub = hub
         self.index = FleetIndex()
+        # Host records without their backends, which `backends` holds as the index's
+        # shared declarations: a fleet of identical hosts holds each declaration once.
         self.records: dict[str, records_pb2.HostRecord] = {}
+        self.backends: dict[str, tuple[host_pb2.Backend, ...]] = {}
         self._sorted_ids: list[str] = []
         self.allocations: dict[str, StoredAllocation] = {}
         # Hosts with an alive key (connected to some replica), and when we learnt it.
@@ -63,12 +66,16 @@ class Fleet:
     def _host_put(self, host_id: str, kv: KeyValue) -> None:
         if host_id not in self.records:
             bisect.insort(self._sorted_ids, host_id)
-        self.records[host_id] = records_pb2.HostRecord.FromString(kv.value)
+        record = records_pb2.HostRecord.FromString(kv.value)
+        self.backends[host_id] = self.index.shared(record.backends)
+        record.ClearField("backends")
+        self.records[host_id] = record
         self.refresh(host_id)
 
     def _host_gone(self, host_id: str) -> None:
         if self.records.pop(host_id, None) is not None:
             del self._sorted_ids[bisect.bisect_left(self._sorted_ids, host_id)]
+            del self.backends[host_id]
         self.refresh(host_id)
 
     def _allocation_put(self, host_id: str, kv: KeyValue) -> None:
@@ -104,8 +111,8 @@ class Fleet:
         if record is None:
             self.index.remove(host_id)
             return
-        self.index.upsert(self.view(record, self.allocations.get(host_id),
-                                    self.schedulable(host_id)))
+        self.index.upsert(self.view(record, self.backends[host_id],
+                                    self.allocations.get(host_id), self.schedulable(host_id)))
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -126,13 +133,13 @@ class Fleet:
         return self.host_connected(host_id)
 
     @staticmethod
-    def view(record: records_pb2.HostRecord, alloc: StoredAllocation | None,
-             ready: bool) -> HostView:
+    def view(record: records_pb2.HostRecord, backends: tuple[host_pb2.Backend, ...],
+             alloc: StoredAllocation | None, ready: bool) -> HostView:
         limit = allocatable(record)
         allocated = alloc.allocation.allocated if alloc else host_pb2.Resources()
         return HostView(
             host_id=record.host_id, ready=ready,
-            backends={b.name: b for b in record.backends},
+            backends={b.name: b for b in backends},
             allocatable_vcpus=limit.vcpus, allocatable_memory=limit.memory_bytes,
             allocated_vcpus=allocated.vcpus, allocated_memory=allocated.memory_bytes,
             allocation_revision=alloc.revision if alloc else 0,
@@ -140,11 +147,7 @@ class Fleet:
             bridges=frozenset(record.bridges))
 
     def capabilities(self, host_id: str, backend: str) -> host_pb2.BackendCapabilities | None:
-        session = self.hub.host_of(host_id)
-        record = self.records.get(host_id)
-        backends = session.register.backends if session else (
-            record.backends if record else [])
-        for b in backends:
+        for b in self.backends.get(host_id, ()):
             if b.name == backend:
                 return b.capabilities
         return None
@@ -171,7 +174,8 @@ class Fleet:
             allocatable=allocatable(record),
             allocated=alloc.allocation.allocated if alloc else host_pb2.Resources(),
             cpu_overcommit_ratio=record.cpu_overcommit_ratio,
-            memory_overcommit_ratio=record.memory_overcommit_ratio, backends=record.backends,
+            memory_overcommit_ratio=record.memory_overcommit_ratio,
+            backends=self.backends[host_id],
             vm_count=alloc.allocation.vm_count if alloc else 0,
             registered_timestamp=record.registered_timestamp, labels=record.labels,
             agent_version=record.agent_version, bridges=record.bridges)

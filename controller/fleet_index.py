@@ -200,6 +200,9 @@ class FleetIndex:
         self._hosts: dict[str, _Entry] = {}
         self._class_ids: dict[bytes, int] = {}
         self._classes: list[BackendClass] = []
+        # id() of each class's own declaration message -> its class id. Those messages live
+        # as long as the index, so an id found here is that message.
+        self._by_object: dict[int, int] = {}
         # (classes offered, allocatable vCPUs, memory, bridges) -> the ready hosts of that kind.
         self._groups: dict[tuple[tuple[int, ...], int, int, frozenset[str]], ShapeGroup] = {}
         # class id -> ready hosts offering it, and hosts offering it at all.
@@ -258,18 +261,31 @@ class FleetIndex:
     def unreserve(self, host_id: str, demand: Demand) -> None:
         self.reserve(host_id, demand, sign=-1)
 
+    def shared(self, backends: Iterable[host_pb2.Backend]) -> tuple[host_pb2.Backend, ...]:
+        """The index's own copy of each declaration. Hosts that declare the same backends
+        (a fleet runs a handful of builds) then hold one message of a few kilobytes between
+        them rather than one each, and refreshing such a host encodes nothing."""
+        return tuple(self._classes[self._class_id(backend)].backend for backend in backends)
+
+    def _class_id(self, backend: host_pb2.Backend) -> int:
+        class_id = self._by_object.get(id(backend))
+        if class_id is not None:
+            return class_id
+        cls = backend_class(backend)
+        class_id = self._class_ids.get(cls.key)
+        if class_id is None:
+            # A copy: holding the caller's message would keep the record around it alive.
+            own = host_pb2.Backend()
+            own.CopyFrom(backend)
+            class_id = self._class_ids[cls.key] = len(self._classes)
+            self._classes.append(BackendClass(own, cls.key, cls.honours_max_vcpus))
+            self._by_object[id(own)] = class_id
+            self._ready_count[class_id] = 0
+            self._members[class_id] = 0
+        return class_id
+
     def _class_ids_of(self, view: HostView) -> tuple[int, ...]:
-        ids = []
-        for backend in view.backends.values():
-            cls = backend_class(backend)
-            class_id = self._class_ids.get(cls.key)
-            if class_id is None:
-                class_id = self._class_ids[cls.key] = len(self._classes)
-                self._classes.append(cls)
-                self._ready_count[class_id] = 0
-                self._members[class_id] = 0
-            ids.append(class_id)
-        return tuple(sorted(ids))
+        return tuple(sorted(self._class_id(backend) for backend in view.backends.values()))
 
     def _group(self, entry: _Entry) -> ShapeGroup:
         key = (entry.class_ids, entry.view.allocatable_vcpus, entry.view.allocatable_memory,

@@ -131,8 +131,7 @@ class Controller:
             self.config.tls_cert_file, self.config.tls_key_file, client_ca_file))
 
     def _backends(self) -> list[str]:
-        names = {b.name + (" (simulated)" if b.simulated else "")
-                 for s in self.hub.sessions.values() for b in s.register.backends}
+        names = {name for s in self.hub.sessions.values() for name in s.backend_names}
         return sorted(names)
 
     async def start(self) -> int:
