@@ -20,12 +20,21 @@ from controller.store import Store, StoredAllocation
 from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2
 
+# Allocatable memory is counted in whole units of this size. Hosts of one model report
+# MemTotal a few MiB apart (kernel build, firmware, crash kernel), and the scheduler keeps one
+# group per distinct size (controller.fleet_index): counted exactly, a fleet of one model
+# would be a fleet of thousands of sizes, and every decision would search each of them.
+MEMORY_UNIT = 128 << 20
+
 
 def allocatable(record: records_pb2.HostRecord) -> host_pb2.Resources:
+    """What the host offers VMs: its capacity times the overcommit ratios, memory rounded
+    down to whole MEMORY_UNITs."""
     cpu_ratio = record.cpu_overcommit_ratio or 1.0
     mem_ratio = record.memory_overcommit_ratio or 1.0
+    memory = int(record.capacity.memory_bytes * mem_ratio)
     return host_pb2.Resources(vcpus=int(record.capacity.vcpus * cpu_ratio),
-                              memory_bytes=int(record.capacity.memory_bytes * mem_ratio))
+                              memory_bytes=memory - memory % MEMORY_UNIT)
 
 
 EMPTY_ALLOCATION = StoredAllocation(records_pb2.Allocation(allocated=host_pb2.Resources()), 0)

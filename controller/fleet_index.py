@@ -198,10 +198,13 @@ class FleetIndex:
 
     def __init__(self) -> None:
         self._hosts: dict[str, _Entry] = {}
+        # Classes and groups last as long as some host is in them: a fleet that rolls
+        # through builds and host sizes keeps only those it has now.
         self._class_ids: dict[bytes, int] = {}
-        self._classes: list[BackendClass] = []
-        # id() of each class's own declaration message -> its class id. Those messages live
-        # as long as the index, so an id found here is that message.
+        self._classes: dict[int, BackendClass] = {}
+        self._next_class_id = 0
+        # id() of each class's own declaration message -> its class id. The class holds the
+        # message, and its entry goes with the class, so an id found here is that message.
         self._by_object: dict[int, int] = {}
         # (classes offered, allocatable vCPUs, memory, bridges) -> the ready hosts of that kind.
         self._groups: dict[tuple[tuple[int, ...], int, int, frozenset[str]], ShapeGroup] = {}
@@ -219,9 +222,14 @@ class FleetIndex:
     def views(self) -> Iterable[HostView]:
         return (entry.view for entry in self._hosts.values())
 
+    @property
+    def group_count(self) -> int:
+        """Groups of hosts the index searches per decision: one per kind and size of host."""
+        return len(self._groups)
+
     def classes(self) -> list[BackendClass]:
-        """The backend declarations some host in the index offers."""
-        return [cls for i, cls in enumerate(self._classes) if self._members[i]]
+        """The backend declarations the hosts in the index offer."""
+        return list(self._classes.values())
 
     # ---- keeping it current ----------------------------------------------------------
 
@@ -231,11 +239,14 @@ class FleetIndex:
         if entry is not None:
             self._unslot(entry)
             self._count_members(entry, -1)
+            before = entry.class_ids
             entry.view = view
             entry.class_ids = self._class_ids_of(view)
+            self._count_members(entry, 1)
+            self._forget_unused(before)
         else:
             entry = self._hosts[view.host_id] = _Entry(view, self._class_ids_of(view))
-        self._count_members(entry, 1)
+            self._count_members(entry, 1)
         self._slot(entry)
 
     def remove(self, host_id: str) -> None:
@@ -243,10 +254,19 @@ class FleetIndex:
         if entry is not None:
             self._unslot(entry)
             self._count_members(entry, -1)
+            self._forget_unused(entry.class_ids)
 
     def _count_members(self, entry: _Entry, sign: int) -> None:
         for class_id in entry.class_ids:
             self._members[class_id] += sign
+
+    def _forget_unused(self, class_ids: Iterable[int]) -> None:
+        """Drop the classes among class_ids that no host offers any more."""
+        for class_id in class_ids:
+            if self._members.get(class_id) == 0:
+                cls = self._classes.pop(class_id)
+                del self._class_ids[cls.key], self._by_object[id(cls.backend)]
+                del self._members[class_id], self._ready_count[class_id]
 
     def reserve(self, host_id: str, demand: Demand, sign: int = 1) -> None:
         """Count demand as used on the host until unreserve(); a commit in flight."""
@@ -277,8 +297,9 @@ class FleetIndex:
             # A copy: holding the caller's message would keep the record around it alive.
             own = host_pb2.Backend()
             own.CopyFrom(backend)
-            class_id = self._class_ids[cls.key] = len(self._classes)
-            self._classes.append(BackendClass(own, cls.key, cls.honours_max_vcpus))
+            class_id = self._class_ids[cls.key] = self._next_class_id
+            self._next_class_id += 1
+            self._classes[class_id] = BackendClass(own, cls.key, cls.honours_max_vcpus)
             self._by_object[id(own)] = class_id
             self._ready_count[class_id] = 0
             self._members[class_id] = 0
@@ -287,26 +308,31 @@ class FleetIndex:
     def _class_ids_of(self, view: HostView) -> tuple[int, ...]:
         return tuple(sorted(self._class_id(backend) for backend in view.backends.values()))
 
-    def _group(self, entry: _Entry) -> ShapeGroup:
-        key = (entry.class_ids, entry.view.allocatable_vcpus, entry.view.allocatable_memory,
-               entry.view.bridges)
-        group = self._groups.get(key)
-        if group is None:
-            group = self._groups[key] = ShapeGroup(*key)
-        return group
+    @staticmethod
+    def _group_key(entry: _Entry) -> tuple[tuple[int, ...], int, int, frozenset[str]]:
+        return (entry.class_ids, entry.view.allocatable_vcpus, entry.view.allocatable_memory,
+                entry.view.bridges)
 
     def _slot(self, entry: _Entry) -> None:
         if not entry.view.ready:
             return
         entry.slot = entry.free
-        self._group(entry).add(*entry.slot, entry.view.host_id)
+        key = self._group_key(entry)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = ShapeGroup(*key)
+        group.add(*entry.slot, entry.view.host_id)
         for class_id in entry.class_ids:
             self._ready_count[class_id] += 1
 
     def _unslot(self, entry: _Entry) -> None:
         if entry.slot is None:
             return
-        self._group(entry).discard(*entry.slot, entry.view.host_id)
+        key = self._group_key(entry)
+        group = self._groups[key]
+        group.discard(*entry.slot, entry.view.host_id)
+        if not group:
+            del self._groups[key]
         for class_id in entry.class_ids:
             self._ready_count[class_id] -= 1
         entry.slot = None
@@ -327,7 +353,7 @@ class FleetIndex:
             return NoPlacement(demand=demand_for(config, False))
         bridges = bridges_for(config)
         if bridges and not (bridges <= named.view.bridges if named else any(
-                group and bridges <= group.bridges for group in self._groups.values())):
+                bridges <= group.bridges for group in self._groups.values())):
             return NoPlacement(demand=demand_for(config, False), missing_bridges=bridges)
         used = features.features_used(config)  # the same for every class
         boot = demand_for(config, False)
@@ -340,7 +366,7 @@ class FleetIndex:
         wanting: dict[Demand, list[int]] = {}
         # Class -> how it orders among choices on one host: (ignores fields, simulated, rank).
         order: dict[int, tuple[bool, bool, int]] = {}
-        for class_id in named.class_ids if named else range(len(self._classes)):
+        for class_id in named.class_ids if named else self._classes:
             cls = self._classes[class_id]
             if (backend and cls.name != backend) or not self._ready_count[class_id]:
                 continue
@@ -379,7 +405,7 @@ class FleetIndex:
             searches = ((named.class_ids, named.best_fit),)
         else:
             searches = ((group.class_ids, group.best_fit) for group in self._groups.values()
-                        if group and bridges <= group.bridges)
+                        if bridges <= group.bridges)
         best: tuple[bool, DensestFirst, bool, int, str] | None = None
         winner: tuple[Demand, HostView, int] | None = None
         for class_ids, best_fit in searches:
@@ -408,7 +434,7 @@ class FleetIndex:
         wanted = set(class_ids)
         best: tuple[int, int, str] | None = None
         for group in self._groups.values():
-            if not group or wanted.isdisjoint(group.class_ids) or not bridges <= group.bridges:
+            if wanted.isdisjoint(group.class_ids) or not bridges <= group.bridges:
                 continue
             top = group.roomiest()
             if top is not None and (best is None or top[:2] > best[:2]

@@ -150,7 +150,8 @@ class ControllerCollector(Collector):
                               "Memory reserved by the host's VMs", labels=["host_id"],
                               unit="bytes"),
             GaugeMetricFamily("vmm_host_allocatable_memory_bytes",
-                              "Memory the host offers (capacity times overcommit)",
+                              "Memory the host offers (capacity times overcommit, in whole "
+                              "128 MiB units)",
                               labels=["host_id"], unit="bytes"),
         ]
 

@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 from agent.runtimes.cloud_hypervisor_capabilities import cloud_hypervisor_capabilities
 from agent.runtimes.firecracker import LIMITS as FC_LIMITS
 from agent.runtimes.firecracker import SUPPORT_MATRIX as FC_MATRIX
+from controller.fleet import MEMORY_UNIT, allocatable
 from controller.fleet_index import FleetIndex
 from controller.scheduler import Choice, Demand, HostView, NoPlacement
 from tests.support.reference_scheduler import reference_place
 from vmm import features
+from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2, vm_pb2
 
 GIB = 1 << 30
@@ -185,3 +187,52 @@ def test_a_backend_class_is_its_declaration_not_its_name() -> None:
     config.cpu.vcpu_count, config.memory.size_bytes = 12, GIB
     choice = index.place(config)
     assert isinstance(choice, Choice) and choice.host.host_id == "b-large"
+
+
+def test_a_fleet_rolling_through_builds_keeps_only_what_it_runs_now() -> None:
+    """Every host upgraded build by build and resized: the index forgets each declaration
+    and size once no host has it, and decides on what is left."""
+    index = FleetIndex()
+    for build in range(30):
+        backend = firecracker(f"1.{build}.0", 32, False)
+        for i in range(10):
+            index.upsert(HostView(host_id=f"h{i}", ready=True,
+                                  backends={backend.name: backend}, allocatable_vcpus=16,
+                                  allocatable_memory=(32 + build) * GIB,
+                                  allocated_vcpus=i, allocated_memory=i * GIB))
+    assert [cls.backend.version for cls in index.classes()] == ["1.29.0"]
+    assert index.group_count == 1
+    config = vm_pb2.VmConfig()
+    config.cpu.vcpu_count, config.memory.size_bytes = 2, GIB
+    choice = index.place(config)
+    assert isinstance(choice, Choice) and choice.host.host_id == "h9"
+    assert choice.backend.version == "1.29.0"
+    for i in range(10):
+        index.remove(f"h{i}")
+    assert index.classes() == [] and index.group_count == 0
+    assert isinstance(index.place(config), NoPlacement)
+
+
+def test_hosts_of_one_model_are_one_size_whatever_memtotal_says() -> None:
+    """MemTotal a few MiB apart (kernel, firmware) is one allocatable size: one group for
+    the scheduler to search, not one per host."""
+    rnd = random.Random(3)
+    index = FleetIndex()
+    backend = BACKENDS[0]
+    sizes = set()
+    for i in range(500):
+        record = records_pb2.HostRecord(
+            host_id=f"h{i:03d}", memory_overcommit_ratio=1.0,
+            capacity=host_pb2.Resources(vcpus=64, memory_bytes=256 * GIB - 60 * MIB
+                                        + rnd.randint(0, 4096) * 4096))
+        limit = allocatable(record)
+        assert limit.memory_bytes % MEMORY_UNIT == 0
+        assert 0 <= record.capacity.memory_bytes - limit.memory_bytes < MEMORY_UNIT
+        sizes.add(limit.memory_bytes)
+        index.upsert(HostView(host_id=record.host_id, ready=True,
+                              backends={backend.name: backend},
+                              allocatable_vcpus=limit.vcpus,
+                              allocatable_memory=limit.memory_bytes,
+                              allocated_vcpus=0, allocated_memory=0))
+    assert sizes == {256 * GIB - MEMORY_UNIT}
+    assert index.group_count == 1

@@ -12,9 +12,12 @@ from agent.runtimes.firecracker import LIMITS as FC_LIMITS
 from agent.runtimes.firecracker import SUPPORT_MATRIX as FC_MATRIX
 from agent.runtimes.qemu.capabilities import LIMITS as QEMU_LIMITS
 from agent.runtimes.qemu.capabilities import SUPPORT_MATRIX as QEMU_MATRIX
+from controller.fleet import allocatable
 from controller.fleet_index import FleetIndex
 from controller.scheduler import Choice, HostView
+from tools.fleet.hollow import mem_total
 from vmm import features
+from vmm.store.v1 import records_pb2
 from vmm.v1 import host_pb2, vm_pb2
 
 GIB = 1 << 30
@@ -47,14 +50,19 @@ def fleet(hosts: int, full: bool, rnd: random.Random) -> FleetIndex:
     index = FleetIndex()
     offered = backends()
     for i in range(hosts):
-        vcpus, memory = SHAPES[i % len(SHAPES)]
+        vcpus, dimms = SHAPES[i % len(SHAPES)]
+        host_id = f"host-{i:05d}"
+        # As hosts report their memory: each a few MiB apart.
+        limit = allocatable(records_pb2.HostRecord(capacity=host_pb2.Resources(
+            vcpus=vcpus, memory_bytes=mem_total(dimms, host_id))))
+        memory = limit.memory_bytes
         if full and rnd.random() < 0.99:
             # Full: less room left than the smallest VM asked for below.
             used_vcpus, used_memory = vcpus, memory - rnd.randint(0, 255) * (1 << 20)
         else:
             used_vcpus = rnd.randint(0, vcpus // 2)
             used_memory = rnd.randint(0, memory // GIB // 2) * GIB
-        index.upsert(HostView(host_id=f"host-{i:05d}", ready=True, backends=offered,
+        index.upsert(HostView(host_id=host_id, ready=True, backends=offered,
                               allocatable_vcpus=vcpus, allocatable_memory=memory,
                               allocated_vcpus=used_vcpus, allocated_memory=used_memory))
     return index
@@ -85,10 +93,12 @@ def bench_scheduler(quick: bool) -> dict[str, Any]:
                 placed += isinstance(index.place(config, preference=preference), Choice)
             elapsed = time.perf_counter() - started
             case = {"hosts": hosts, "fleet": "99% full" if full else "spread",
+                    "host_groups": index.group_count,
                     "decisions_per_s": round(decisions / elapsed),
                     "us_per_decision": round(elapsed / decisions * 1e6, 1),
                     "placed_fraction": round(placed / decisions, 3)}
             print(f"  {hosts:>6} hosts, {case['fleet']:>8}: {case['decisions_per_s']:>7} "
-                  f"decisions/s ({case['us_per_decision']} us each)", flush=True)
+                  f"decisions/s ({case['us_per_decision']} us each, "
+                  f"{index.group_count} host groups)", flush=True)
             result["cases"].append(case)
     return result

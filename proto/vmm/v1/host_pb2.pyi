@@ -153,7 +153,9 @@ class Host(_message.Message):
 
     @_builtins.property
     def allocatable(self) -> Global___Resources:
-        """capacity x overcommit ratios: what the scheduler may hand out."""
+        """capacity x overcommit ratios, memory rounded down to whole 128 MiB units: what the
+        scheduler may hand out.
+        """
 
     @_builtins.property
     def allocated(self) -> Global___Resources:
