@@ -175,6 +175,8 @@ class ShapeGroup:
 class _Entry:
     view: HostView
     class_ids: tuple[int, ...]
+    # The host's bridges that placement can ask for: those its group is keyed by.
+    bridges: frozenset[str]
     reserved_vcpus: int = 0
     reserved_memory: int = 0
     # (free_vcpus, free_memory) under which the host sits in its groups; None if absent.
@@ -211,6 +213,10 @@ class FleetIndex:
         # class id -> ready hosts offering it, and hosts offering it at all.
         self._ready_count: dict[int, int] = {}
         self._members: dict[int, int] = {}
+        # The bridges placement can ask for (fleet networks'); None: every bridge. A host's
+        # other bridges (Docker names one br-<id> per network, different on every host)
+        # must not make a group of each host.
+        self._tracked_bridges: frozenset[str] | None = None
 
     def __len__(self) -> int:
         return len(self._hosts)
@@ -242,12 +248,30 @@ class FleetIndex:
             before = entry.class_ids
             entry.view = view
             entry.class_ids = self._class_ids_of(view)
+            entry.bridges = self._tracked(view.bridges)
             self._count_members(entry, 1)
             self._forget_unused(before)
         else:
-            entry = self._hosts[view.host_id] = _Entry(view, self._class_ids_of(view))
+            entry = self._hosts[view.host_id] = _Entry(view, self._class_ids_of(view),
+                                                       self._tracked(view.bridges))
             self._count_members(entry, 1)
         self._slot(entry)
+
+    def track_bridges(self, bridges: frozenset[str]) -> None:
+        """Group hosts by these bridges only, those of the fleet networks. A change regroups
+        every host: networks come and go rarely, placements all the time."""
+        if bridges == self._tracked_bridges:
+            return
+        for entry in self._hosts.values():
+            self._unslot(entry)
+        self._tracked_bridges = bridges
+        for entry in self._hosts.values():
+            entry.bridges = self._tracked(entry.view.bridges)
+            self._slot(entry)
+
+    def _tracked(self, bridges: frozenset[str]) -> frozenset[str]:
+        tracked = self._tracked_bridges
+        return bridges if tracked is None else bridges & tracked
 
     def remove(self, host_id: str) -> None:
         entry = self._hosts.pop(host_id, None)
@@ -311,7 +335,7 @@ class FleetIndex:
     @staticmethod
     def _group_key(entry: _Entry) -> tuple[tuple[int, ...], int, int, frozenset[str]]:
         return (entry.class_ids, entry.view.allocatable_vcpus, entry.view.allocatable_memory,
-                entry.view.bridges)
+                entry.bridges)
 
     def _slot(self, entry: _Entry) -> None:
         if not entry.view.ready:
@@ -364,8 +388,9 @@ class FleetIndex:
         refusals: dict[str, tuple[bytes, BackendFit]] = {}
         # Distinct demand -> the classes that can run the config and would hold that much.
         wanting: dict[Demand, list[int]] = {}
-        # Class -> how it orders among choices on one host: (ignores fields, simulated, rank).
-        order: dict[int, tuple[bool, bool, int]] = {}
+        # Class -> how it orders among choices on one host: (ignores fields, simulated, rank,
+        # name: backends the preference leaves unranked go by name).
+        order: dict[int, tuple[bool, bool, int, str]] = {}
         for class_id in named.class_ids if named else self._classes:
             cls = self._classes[class_id]
             if (backend and cls.name != backend) or not self._ready_count[class_id]:
@@ -378,7 +403,8 @@ class FleetIndex:
                     refusals[cls.name] = (cls.key, fit)
                 continue
             rank = preference.index(cls.name) if cls.name in preference else len(preference)
-            order[class_id] = (bool(fit.warnings) and not backend, cls.backend.simulated, rank)
+            order[class_id] = (bool(fit.warnings) and not backend, cls.backend.simulated, rank,
+                               cls.name)
             wanting.setdefault(reserved if cls.honours_max_vcpus else boot, []).append(class_id)
         best = self._best(wanting, order, named, bridges)
         if best is not None:
@@ -394,7 +420,8 @@ class FleetIndex:
             why.demand = reserved if asked.honours_max_vcpus else boot
         return why
 
-    def _best(self, wanting: dict[Demand, list[int]], order: dict[int, tuple[bool, bool, int]],
+    def _best(self, wanting: dict[Demand, list[int]],
+              order: dict[int, tuple[bool, bool, int, str]],
               named: _Entry | None, bridges: frozenset[str]
               ) -> tuple[Demand, HostView, int] | None:
         """(demand, host, class) of the winning choice: per group that has the bridges, one
@@ -406,7 +433,7 @@ class FleetIndex:
         else:
             searches = ((group.class_ids, group.best_fit) for group in self._groups.values()
                         if bridges <= group.bridges)
-        best: tuple[bool, DensestFirst, bool, int, str] | None = None
+        best: tuple[bool, DensestFirst, bool, int, str, str] | None = None
         winner: tuple[Demand, HostView, int] | None = None
         for class_ids, best_fit in searches:
             for need, classes in wanting.items():
@@ -417,10 +444,10 @@ class FleetIndex:
                 if hit is None:
                     continue
                 class_id = min(offering, key=order.__getitem__)
-                ignores, simulated, rank = order[class_id]
+                ignores, simulated, rank, name = order[class_id]
                 host = self._hosts[hit[2]].view
                 key = (ignores, DensestFirst(host, hit[0], hit[1], need), simulated, rank,
-                       host.host_id)
+                       host.host_id, name)
                 if best is None or key < best:
                     best, winner = key, (need, host, class_id)
         return winner

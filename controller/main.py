@@ -67,7 +67,8 @@ class Controller:
             removal_retry_interval=config.removal_retry_interval)
         self.fleet = Fleet(self.store, self.hub)
         self.hub.on_host_change = self.fleet.refresh
-        self.networks = Networks(self.store, self.cache)
+        self.networks = Networks(self.store, self.cache,
+                                 on_bridges=self.fleet.index.track_bridges)
         self.vms = VmService(self.store, self.cache, self.hub, self.fleet, self.telemetry,
                              VmServiceSettings(
                                  operation_timeout=config.operation_timeout,

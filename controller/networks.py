@@ -24,7 +24,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from controller.errors import Violation
 from controller.etcd import Compare, GetResult, KeyValue, Op
@@ -88,8 +88,11 @@ class Networks:
     """This replica's view of the fleet's networks and their taken addresses."""
 
     def __init__(self, store: Store, cache: VmCache | None = None,
-                 orphan_grace: float = ORPHAN_GRACE) -> None:
+                 orphan_grace: float = ORPHAN_GRACE,
+                 on_bridges: Callable[[frozenset[str]], None] | None = None) -> None:
         self.store = store
+        # Told the networks' bridges whenever they change (the scheduler groups by them).
+        self.on_bridges = on_bridges
         # The VMs, to tell an address in use from one left behind; None tracks nothing.
         self.cache = cache
         self.orphan_grace = orphan_grace
@@ -112,6 +115,7 @@ class Networks:
     async def start(self) -> None:
         for mirror in self._mirrors:
             await mirror.start()
+        self._tell_bridges()  # no network at all is news too: no bridge to group hosts by
 
     async def stop(self) -> None:
         for mirror in self._mirrors:
@@ -122,9 +126,15 @@ class Networks:
     def _network_put(self, name: str, kv: KeyValue) -> None:
         self.networks[name] = network_pb2.Network.FromString(kv.value)
         self.taken.setdefault(name, set())
+        self._tell_bridges()
 
     def _network_deleted(self, name: str) -> None:
         self.networks.pop(name, None)
+        self._tell_bridges()
+
+    def _tell_bridges(self) -> None:
+        if self.on_bridges is not None:
+            self.on_bridges(frozenset(n.bridge for n in self.networks.values()))
 
     @staticmethod
     def _split(key: str) -> tuple[str, int] | None:

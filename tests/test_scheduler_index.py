@@ -236,3 +236,37 @@ def test_hosts_of_one_model_are_one_size_whatever_memtotal_says() -> None:
                               allocated_vcpus=0, allocated_memory=0))
     assert sizes == {256 * GIB - MEMORY_UNIT}
     assert index.group_count == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32))
+def test_bridges_no_network_uses_make_no_groups(seed: int) -> None:
+    """Hosts with bridges of their own (Docker makes a br-<id> per network, different on
+    each host) are grouped by the fleet networks' bridges alone, and decided on as brute
+    force does; a network added later regroups them."""
+    rnd = random.Random(seed)
+    backend = BACKENDS[0]
+    hosts = []
+    for i in range(40):
+        view = random_host(rnd, f"h{i:03d}", 0.5)
+        hosts.append(HostView(
+            host_id=view.host_id, ready=True, backends={backend.name: backend},
+            allocatable_vcpus=16, allocatable_memory=32 * GIB,
+            allocated_vcpus=view.allocated_vcpus % 16,
+            allocated_memory=view.allocated_memory % (32 * GIB),
+            bridges=view.bridges | {f"br-{rnd.getrandbits(48):012x}", "docker0"}))
+    index = FleetIndex()
+    index.track_bridges(frozenset(BRIDGES[:2]))
+    for host in hosts:
+        index.upsert(host)
+    assert index.group_count <= 4  # one per subset of the two networks' bridges
+    for _ in range(8):
+        config = random_config(rnd)
+        del config.network[:]
+        for bridge in rnd.sample(BRIDGES[:2], rnd.randint(0, 2)):
+            config.network.add(id=f"n-{bridge}", network=bridge.removeprefix("br-"),
+                               bridge=bridge)
+        same_decision(index.place(config), reference_place(config, hosts))
+    index.track_bridges(frozenset(BRIDGES))
+    assert index.group_count <= 8
+    decide_both(rnd, hosts, index)

@@ -51,7 +51,7 @@ def reference_place(config: vm_pb2.VmConfig, hosts: list[HostView], backend: str
                      + Fraction(host.allocated_memory + need.memory,
                                 max(host.allocatable_memory, 1)))
             rank = preference.index(name) if name in preference else len(preference)
-            candidates.append(((-score, offered.simulated, rank, host.host_id),
+            candidates.append(((-score, offered.simulated, rank, host.host_id, name),
                                Choice(host, offered, fit, need)))
     if candidates:
         if not backend and any(not c[1].fit.warnings for c in candidates):
