@@ -288,7 +288,7 @@ class AgentHub(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"this credential speaks for host {caller.host_id} only, "
                                 f"not {host_id}")
-        session = AgentSession(host_id, register.backends)
+        session = AgentSession(host_id)
         session.caller = caller
         opened = False
         try:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 from controller.access import Caller
 from controller.preflights import PassedPreflights
@@ -18,12 +18,9 @@ from vmm.v1 import host_pb2, vm_pb2
 class AgentSession:
     """One connected agent."""
 
-    def __init__(self, host_id: str, backends: Iterable[host_pb2.Backend] = ()) -> None:
+    def __init__(self, host_id: str) -> None:
+        # The session keeps no registration: the fleet holds what it declared.
         self.host_id = host_id
-        # What its registration declared, as the health page names it. The declarations
-        # themselves are the fleet's (one copy each); the session keeps no registration.
-        self.backend_names = tuple(b.name + (" (simulated)" if b.simulated else "")
-                                   for b in backends)
         self.outbound: asyncio.Queue[agent_pb2.ConnectResponse] = asyncio.Queue()
         self.replies: dict[str, asyncio.Queue[agent_pb2.Reply]] = {}
         self.connected_at = time.time()

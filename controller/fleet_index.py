@@ -217,6 +217,8 @@ class FleetIndex:
         # other bridges (Docker names one br-<id> per network, different on every host)
         # must not make a group of each host.
         self._tracked_bridges: frozenset[str] | None = None
+        # Bridge -> hosts in the index that have it, whether tracked or not.
+        self._bridge_hosts: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._hosts)
@@ -228,10 +230,18 @@ class FleetIndex:
     def views(self) -> Iterable[HostView]:
         return (entry.view for entry in self._hosts.values())
 
+    def hosts_with_bridge(self, bridge: str) -> int:
+        return self._bridge_hosts.get(bridge, 0)
+
     @property
     def group_count(self) -> int:
         """Groups of hosts the index searches per decision: one per kind and size of host."""
         return len(self._groups)
+
+    def ready_backends(self) -> list[str]:
+        """The backends some ready host offers, as the health page names them."""
+        return sorted({cls.name + (" (simulated)" if cls.backend.simulated else "")
+                       for i, cls in self._classes.items() if self._ready_count[i]})
 
     def classes(self) -> list[BackendClass]:
         """The backend declarations the hosts in the index offer."""
@@ -246,6 +256,7 @@ class FleetIndex:
             self._unslot(entry)
             self._count_members(entry, -1)
             before = entry.class_ids
+            self._count_bridges(entry.view.bridges, -1)
             entry.view = view
             entry.class_ids = self._class_ids_of(view)
             entry.bridges = self._tracked(view.bridges)
@@ -255,6 +266,7 @@ class FleetIndex:
             entry = self._hosts[view.host_id] = _Entry(view, self._class_ids_of(view),
                                                        self._tracked(view.bridges))
             self._count_members(entry, 1)
+        self._count_bridges(view.bridges, 1)
         self._slot(entry)
 
     def track_bridges(self, bridges: frozenset[str]) -> None:
@@ -279,10 +291,19 @@ class FleetIndex:
             self._unslot(entry)
             self._count_members(entry, -1)
             self._forget_unused(entry.class_ids)
+            self._count_bridges(entry.view.bridges, -1)
 
     def _count_members(self, entry: _Entry, sign: int) -> None:
         for class_id in entry.class_ids:
             self._members[class_id] += sign
+
+    def _count_bridges(self, bridges: frozenset[str], sign: int) -> None:
+        for bridge in bridges:
+            count = self._bridge_hosts.get(bridge, 0) + sign
+            if count:
+                self._bridge_hosts[bridge] = count
+            else:
+                del self._bridge_hosts[bridge]
 
     def _forget_unused(self, class_ids: Iterable[int]) -> None:
         """Drop the classes among class_ids that no host offers any more."""

@@ -83,7 +83,7 @@ class Controller:
         self.health = health.aio.HealthServicer()
         self.telemetry.register_collector(
             ControllerCollector.for_fleet(self.hub, self.cache, self.fleet))
-        self.http = HealthEndpoint(self.etcd.status, self._backends,
+        self.http = HealthEndpoint(self.etcd.status, self.fleet.index.ready_backends,
                                    metrics=self.telemetry.registry)
         try:
             self.access = AccessFile(config.access_file) if config.access_file else None
@@ -130,10 +130,6 @@ class Controller:
             return self.server.add_insecure_port(address)
         return self.server.add_secure_port(address, server_credentials(
             self.config.tls_cert_file, self.config.tls_key_file, client_ca_file))
-
-    def _backends(self) -> list[str]:
-        names = {name for s in self.hub.sessions.values() for name in s.backend_names}
-        return sorted(names)
 
     async def start(self) -> int:
         await self.etcd.connect()

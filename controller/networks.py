@@ -218,12 +218,14 @@ class Networks:
     def get(self, name: str) -> network_pb2.Network | None:
         return self.networks.get(name)
 
-    def describe(self, network: network_pb2.Network,
-                 host_bridges: Iterable[frozenset[str]] = ()) -> network_pb2.Network:
+    def describe(self, network: network_pb2.Network, host_count: int = 0
+                 ) -> network_pb2.Network:
+        """The network with what this replica counts of it: addresses held, and (given)
+        hosts that have its bridge."""
         out = network_pb2.Network()
         out.CopyFrom(network)
         out.allocated_addresses = len(self.taken.get(network.name, ()))
-        out.host_count = sum(1 for bridges in host_bridges if network.bridge in bridges)
+        out.host_count = host_count
         return out
 
     async def create(self, network: network_pb2.Network) -> bool:

@@ -148,6 +148,9 @@ def test_updates_reservations_and_removals_keep_the_index_exact(seed: int,
         if step % 10 == 9:
             hosts = [with_reservations(v, reserved.get(h, [])) for h, v in sorted(truth.items())]
             decide_both(rnd, hosts, index)
+            for bridge in BRIDGES:  # what a network's host_count reports
+                assert index.hosts_with_bridge(bridge) == sum(bridge in v.bridges
+                                                              for v in truth.values())
 
 
 def with_reservations(view: HostView, demands: list[Demand]) -> HostView:
@@ -260,6 +263,8 @@ def test_bridges_no_network_uses_make_no_groups(seed: int) -> None:
     for host in hosts:
         index.upsert(host)
     assert index.group_count <= 4  # one per subset of the two networks' bridges
+    for bridge in [*BRIDGES, "docker0"]:
+        assert index.hosts_with_bridge(bridge) == sum(bridge in h.bridges for h in hosts)
     for _ in range(8):
         config = random_config(rnd)
         del config.network[:]

@@ -18,7 +18,8 @@ class NetworkService(network_pb2_grpc.NetworkServiceServicer):
         self.fleet = fleet
 
     def _describe(self, network: network_pb2.Network) -> network_pb2.Network:
-        return self.networks.describe(network, (v.bridges for v in self.fleet.index.views()))
+        return self.networks.describe(network,
+                                      self.fleet.index.hosts_with_bridge(network.bridge))
 
     def _get(self, name: str) -> network_pb2.Network:
         if not name:
