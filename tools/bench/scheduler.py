@@ -1,5 +1,9 @@
 """The scheduler benchmark: placement decisions per second from the in-memory fleet index,
-at 100, 1,000 and 10,000 hosts, on a spread fleet and on one 99 % full."""
+at 100, 1,000 and 10,000 hosts, on a spread fleet and on one 99 % full.
+
+Hosts look as real ones do to the index: four models, each host's memory a few MiB off its
+model's (as MemTotal is), and bridges of their own (as Docker makes) beside no fleet
+network's."""
 
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ def backends() -> dict[str, host_pb2.Backend]:
 
 def fleet(hosts: int, full: bool, rnd: random.Random) -> FleetIndex:
     index = FleetIndex()
+    index.track_bridges(frozenset())  # as a controller with no fleet network does
     offered = backends()
     for i in range(hosts):
         vcpus, dimms = SHAPES[i % len(SHAPES)]
@@ -64,7 +69,9 @@ def fleet(hosts: int, full: bool, rnd: random.Random) -> FleetIndex:
             used_memory = rnd.randint(0, memory // GIB // 2) * GIB
         index.upsert(HostView(host_id=host_id, ready=True, backends=offered,
                               allocatable_vcpus=vcpus, allocatable_memory=memory,
-                              allocated_vcpus=used_vcpus, allocated_memory=used_memory))
+                              allocated_vcpus=used_vcpus, allocated_memory=used_memory,
+                              # Docker's: one bridge of its own per host.
+                              bridges=frozenset({"docker0", f"br-{i:012x}"})))
     return index
 
 
