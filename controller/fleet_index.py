@@ -256,17 +256,19 @@ class FleetIndex:
             self._unslot(entry)
             self._count_members(entry, -1)
             before = entry.class_ids
-            self._count_bridges(entry.view.bridges, -1)
+            if view.bridges != entry.view.bridges:  # seldom: most refreshes are allocations
+                self._count_bridges(entry.view.bridges, -1)
+                self._count_bridges(view.bridges, 1)
+                entry.bridges = self._tracked(view.bridges)
             entry.view = view
             entry.class_ids = self._class_ids_of(view)
-            entry.bridges = self._tracked(view.bridges)
             self._count_members(entry, 1)
             self._forget_unused(before)
         else:
             entry = self._hosts[view.host_id] = _Entry(view, self._class_ids_of(view),
                                                        self._tracked(view.bridges))
             self._count_members(entry, 1)
-        self._count_bridges(view.bridges, 1)
+            self._count_bridges(view.bridges, 1)
         self._slot(entry)
 
     def track_bridges(self, bridges: frozenset[str]) -> None:
